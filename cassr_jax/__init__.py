@@ -1,0 +1,1 @@
+"""CasSR in JAX / Flax NNX."""

@@ -1,0 +1,130 @@
+"""Saving and loading our models: orbax weights + the model config as JSON, loadable with one call.
+
+Layout of a model directory:
+  model.json   {"model_type": "unet", "config": {...}, "param_dtype": "float32"}
+  params/      orbax StandardCheckpointer tree of the nnx.Param state
+Writes go to a temporary sibling and are renamed into place, so a crash never leaves a half-written model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from cassr_jax.nn.layers import FP32, Policy
+
+MODEL_FILE = "model.json"
+PARAMS_DIR = "params"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+  config_cls: type
+  build: Callable[..., nnx.Module]  # build(config, *, policy, rngs, **runtime_options)
+
+
+_REGISTRY: dict[str, ModelKind] = {}
+
+# model_type -> module that defines and registers it (imported on first use).
+MODEL_MODULES = {
+    "unet": "cassr_jax.models.unet",
+    "vae": "cassr_jax.models.vae",
+    "clip_text": "cassr_jax.models.clip_text",
+    "controlnet": "cassr_jax.models.controlnet",
+    "cassr_unet": "cassr_jax.models.cassr_unet",
+    "rrdbnet": "cassr_jax.models.rrdbnet",
+    "scedit": "cassr_jax.models.scedit",
+}
+
+
+def register_model(model_type: str, config_cls: type, build: Callable[..., nnx.Module]) -> None:
+  _REGISTRY[model_type] = ModelKind(config_cls, build)
+
+
+def _kind(model_type: str) -> ModelKind:
+  if model_type not in _REGISTRY and model_type in MODEL_MODULES:
+    importlib.import_module(MODEL_MODULES[model_type])
+  if model_type not in _REGISTRY:
+    raise ValueError(f"unknown model_type {model_type!r}; known: {sorted(_REGISTRY)}")
+  return _REGISTRY[model_type]
+
+
+def config_from_dict(config_cls: type, values: dict[str, Any]):
+  """Builds a config dataclass, naming unknown keys in the error (lists become tuples)."""
+  names = {f.name for f in dataclasses.fields(config_cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"{config_cls.__name__}: unknown config keys {unknown}")
+  return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _atomic_dir(directory: str) -> str:
+  parent = os.path.dirname(os.path.abspath(directory)) or "."
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".tmp-", dir=parent)
+
+
+def save_model(directory: str, model: nnx.Module, model_type: str, config) -> None:
+  """Writes model.json and the orbax params of `model` to `directory` (replacing it atomically)."""
+  _kind(model_type)
+  tmp = _atomic_dir(directory)
+  try:
+    params = nnx.state(model, nnx.Param)
+    leaves = jax.tree.leaves(params)
+    meta = {"model_type": model_type, "config": dataclasses.asdict(config),
+            "param_dtype": str(leaves[0].dtype) if leaves else "float32"}
+    with open(os.path.join(tmp, MODEL_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(os.path.abspath(tmp), PARAMS_DIR), nnx.to_pure_dict(params))
+    checkpointer.wait_until_finished()
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def read_model_meta(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, MODEL_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory}: not a cassr_jax model directory (no {MODEL_FILE})")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_model(directory: str, *, policy: Policy | None = None, **runtime_options) -> nnx.Module:
+  """Builds the model described by `directory`/model.json and restores its weights.
+
+  policy: dtype policy; default keeps the saved parameter dtype with compute in that dtype.
+  runtime_options: passed to the model constructor (for example attention="blockwise").
+  """
+  meta = read_model_meta(directory)
+  kind = _kind(meta["model_type"])
+  config = config_from_dict(kind.config_cls, meta["config"])
+  if policy is None:
+    saved = jnp.dtype(meta.get("param_dtype", "float32"))
+    policy = Policy(saved, saved)
+  abstract = nnx.eval_shape(lambda: kind.build(config, policy=policy, rngs=nnx.Rngs(0), **runtime_options))
+  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract_params))
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
+  nnx.replace_by_pure_dict(abstract_params, restored)
+  model = nnx.merge(graphdef, abstract_params, rest)
+  return model
+
+
+def build_model(model_type: str, config, *, policy: Policy = FP32, seed: int = 0, **runtime_options):
+  return _kind(model_type).build(config, policy=policy, rngs=nnx.Rngs(seed), **runtime_options)

@@ -1,0 +1,1 @@
+"""Shared neural-network building pieces: layers with logical axis names, attention."""
