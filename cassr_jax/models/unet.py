@@ -1,0 +1,252 @@
+"""SD-1.x/2.x UNet2DConditionModel in Flax NNX (diffusers' module names, NHWC layout).
+
+Supported diffusers config options: CrossAttnDownBlock2D/DownBlock2D, CrossAttnUpBlock2D/UpBlock2D,
+UNetMidBlock2DCrossAttn, any block widths, layers per block, heads (attention_head_dim, int or per block, is
+the head COUNT as in diffusers' SD configs; num_attention_heads likewise), cross-attention dim, linear
+projection (SD-2), upcast attention, GroupNorm groups and eps, flip_sin_to_cos and freq_shift.
+Everything else raises a clear "unsupported" error.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cassr_jax import checkpoint
+from cassr_jax.models.blocks import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel,
+                                     Upsample2D, timestep_embedding)
+from cassr_jax.nn import layers
+from cassr_jax.nn.layers import FP32, Policy
+
+CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
+CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  in_channels: int = 4
+  out_channels: int = 4
+  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+  down_block_types: tuple[str, ...] = (CROSS_DOWN, CROSS_DOWN, CROSS_DOWN, PLAIN_DOWN)
+  up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_UP, CROSS_UP, CROSS_UP)
+  layers_per_block: int = 2
+  heads: tuple[int, ...] = (8, 8, 8, 8)  # per down block; up blocks use the reverse
+  cross_attention_dim: int = 768
+  use_linear_projection: bool = False
+  upcast_attention: bool = False
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  downsample_padding: int = 1
+
+  @property
+  def time_embed_dim(self) -> int:
+    return 4 * self.block_out_channels[0]
+
+  @classmethod
+  def sd15(cls) -> "UNetConfig":
+    return cls()
+
+  @classmethod
+  def from_diffusers(cls, cfg: dict[str, Any]) -> "UNetConfig":
+    """From a diffusers unet/config.json dict; unsupported options raise ValueError naming them."""
+    checks = {
+        "center_input_sample": False, "time_embedding_type": "positional", "class_embed_type": None,
+        "num_class_embeds": None, "addition_embed_type": None, "resnet_time_scale_shift": "default",
+        "only_cross_attention": False, "dual_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "mid_block_only_cross_attention": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+        "attention_type": "default", "act_fn": "silu", "mid_block_scale_factor": 1, "conv_in_kernel": 3,
+        "conv_out_kernel": 3, "transformer_layers_per_block": 1, "reverse_transformer_layers_per_block": None,
+        "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False,
+        "timestep_post_act": None, "cross_attention_norm": None, "dropout": 0.0,
+    }
+    bad = []
+    for key, supported in checks.items():
+      value = cfg.get(key, supported)
+      if isinstance(value, list) and isinstance(supported, int) and all(v == supported for v in value):
+        value = supported
+      if isinstance(value, bool) is False and isinstance(value, list) and supported is False:
+        value = False if not any(value) else value
+      if value != supported:
+        bad.append(f"{key}={value!r}")
+    down = tuple(cfg.get("down_block_types", cls.down_block_types))
+    up = tuple(cfg.get("up_block_types", cls.up_block_types))
+    bad += [f"down block {t!r}" for t in down if t not in (CROSS_DOWN, PLAIN_DOWN)]
+    bad += [f"up block {t!r}" for t in up if t not in (CROSS_UP, PLAIN_UP)]
+    if bad:
+      raise ValueError("unsupported UNet2DConditionModel config: " + ", ".join(bad))
+    n = len(cfg.get("block_out_channels", cls.block_out_channels))
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n
+    cross = cfg.get("cross_attention_dim", 768)
+    if isinstance(cross, (list, tuple)):
+      if len(set(cross)) != 1:
+        raise ValueError(f"unsupported UNet2DConditionModel config: per-block cross_attention_dim {cross}")
+      cross = cross[0]
+    layers_per_block = cfg.get("layers_per_block", 2)
+    if isinstance(layers_per_block, (list, tuple)):
+      raise ValueError(f"unsupported UNet2DConditionModel config: per-block layers_per_block {layers_per_block}")
+    return cls(
+        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+        block_out_channels=tuple(cfg.get("block_out_channels", cls.block_out_channels)),
+        down_block_types=down, up_block_types=up, layers_per_block=layers_per_block, heads=heads,
+        cross_attention_dim=cross, use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+        upcast_attention=bool(cfg.get("upcast_attention", False)),
+        norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
+        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
+        downsample_padding=cfg.get("downsample_padding", 1))
+
+
+def _transformer(cfg: UNetConfig, channels: int, heads: int, attention: str, policy: Policy, rngs: nnx.Rngs):
+  return Transformer2DModel(
+      channels, heads=heads, head_dim=channels // heads, context_dim=cfg.cross_attention_dim,
+      groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
+      upcast=cfg.upcast_attention, attention=attention, policy=policy, rngs=rngs)
+
+
+class DownBlock(nnx.Module):
+  """CrossAttnDownBlock2D (with attentions) or DownBlock2D (without)."""
+
+  def __init__(self, cfg: UNetConfig, index: int, in_ch: int, *, attention: str, policy: Policy, rngs: nnx.Rngs):
+    out_ch = cfg.block_out_channels[index]
+    kw = dict(policy=policy, rngs=rngs)
+    res_kw = dict(temb_ch=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw)
+    n = cfg.layers_per_block
+    self.resnets = nnx.List([ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, **res_kw) for j in range(n)])
+    self.attentions = (nnx.List([_transformer(cfg, out_ch, cfg.heads[index], attention, **kw) for _ in range(n)])
+                       if cfg.down_block_types[index] == CROSS_DOWN else None)
+    is_final = index == len(cfg.block_out_channels) - 1
+    self.downsamplers = (None if is_final else
+                         nnx.List([Downsample2D(out_ch, padding=cfg.downsample_padding, **kw)]))
+
+  def __call__(self, x, temb, context):
+    skips = []
+    for j, resnet in enumerate(self.resnets):
+      x = resnet(x, temb)
+      if self.attentions is not None:
+        x = self.attentions[j](x, context)
+      skips.append(x)
+    if self.downsamplers is not None:
+      x = self.downsamplers[0](x)
+      skips.append(x)
+    return x, skips
+
+
+class MidBlock(nnx.Module):
+  """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
+
+  def __init__(self, cfg: UNetConfig, *, attention: str, policy: Policy, rngs: nnx.Rngs):
+    ch = cfg.block_out_channels[-1]
+    kw = dict(policy=policy, rngs=rngs)
+    res_kw = dict(temb_ch=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw)
+    self.resnets = nnx.List([ResnetBlock2D(ch, ch, **res_kw), ResnetBlock2D(ch, ch, **res_kw)])
+    self.attentions = nnx.List([_transformer(cfg, ch, cfg.heads[-1], attention, **kw)])
+
+  def __call__(self, x, temb, context):
+    x = self.resnets[0](x, temb)
+    x = self.attentions[0](x, context)
+    return self.resnets[1](x, temb)
+
+
+class UpBlock(nnx.Module):
+  """CrossAttnUpBlock2D or UpBlock2D: each layer concatenates one skip connection (last-in, first-out)."""
+
+  def __init__(self, cfg: UNetConfig, index: int, prev_ch: int, *, attention: str, policy: Policy,
+               rngs: nnx.Rngs):
+    rev = tuple(reversed(cfg.block_out_channels))
+    out_ch = rev[index]
+    skip_in = rev[min(index + 1, len(rev) - 1)]
+    n = cfg.layers_per_block + 1
+    kw = dict(policy=policy, rngs=rngs)
+    res_kw = dict(temb_ch=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw)
+    self.resnets = nnx.List([
+        ResnetBlock2D((prev_ch if j == 0 else out_ch) + (skip_in if j == n - 1 else out_ch), out_ch, **res_kw)
+        for j in range(n)])
+    heads = tuple(reversed(cfg.heads))[index]
+    self.attentions = (nnx.List([_transformer(cfg, out_ch, heads, attention, **kw) for _ in range(n)])
+                       if cfg.up_block_types[index] == CROSS_UP else None)
+    self.upsamplers = None if index == len(rev) - 1 else nnx.List([Upsample2D(out_ch, **kw)])
+
+  def __call__(self, x, skips, temb, context, attention_kwargs: Sequence[dict] | None = None):
+    """skips: this block's skip tensors in consumption order. attention_kwargs: per-layer extra inputs
+    for the transformer blocks (used by CasSR's multiple attention)."""
+    for j, resnet in enumerate(self.resnets):
+      x = resnet(jnp.concatenate([x, skips[j]], axis=-1), temb)
+      if self.attentions is not None:
+        extra = attention_kwargs[j] if attention_kwargs is not None else {}
+        x = self.attentions[j](x, context, **extra)
+    if self.upsamplers is not None:
+      x = self.upsamplers[0](x)
+    return x
+
+
+class UNet2DConditionModel(nnx.Module):
+  """SD U-Net. Inputs: latents (B, H, W, C), timesteps (B,), text context (B, T, D); NHWC output."""
+
+  def __init__(self, config: UNetConfig, *, policy: Policy = FP32, attention: str = "auto", rngs: nnx.Rngs):
+    cfg = self.config = config
+    kw = dict(policy=policy, rngs=rngs)
+    ch = cfg.block_out_channels
+    self.conv_in = layers.conv(cfg.in_channels, ch[0], 3, **kw)
+    self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, **kw)
+    self.down_blocks = nnx.List([
+        DownBlock(cfg, i, ch[max(i - 1, 0)], attention=attention, **kw) for i in range(len(ch))])
+    self.mid_block = MidBlock(cfg, attention=attention, **kw)
+    rev = tuple(reversed(ch))
+    self.up_blocks = nnx.List([
+        UpBlock(cfg, i, rev[max(i - 1, 0)], attention=attention, **kw) for i in range(len(ch))])
+    self.conv_norm_out = layers.group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
+    self.conv_out = layers.conv(ch[0], cfg.out_channels, 3, **kw)
+    self.dtype = policy.dtype
+
+  def time_embed(self, timesteps):
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (timesteps.shape[0],) if jnp.ndim(timesteps) else (1,))
+    emb = timestep_embedding(timesteps, self.config.block_out_channels[0],
+                             flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
+    return self.time_embedding(emb.astype(self.dtype))
+
+  def encode(self, sample, temb, context):
+    """conv_in and the down path: returns the bottom feature and all skip tensors (in creation order)."""
+    x = self.conv_in(sample.astype(self.dtype))
+    skips = [x]
+    for block in self.down_blocks:
+      x, block_skips = block(x, temb, context)
+      skips.extend(block_skips)
+    return x, skips
+
+  def decode(self, x, skips, temb, context, up_attention_kwargs=None):
+    """The up path, consuming `skips` from the end; up_attention_kwargs[i][j] feeds block i, layer j."""
+    skips = list(skips)
+    for i, block in enumerate(self.up_blocks):
+      n = len(block.resnets)
+      block_skips = skips[-n:][::-1]
+      del skips[-n:]
+      x = block(x, block_skips, temb, context,
+                None if up_attention_kwargs is None else up_attention_kwargs[i])
+    x = self.conv_out(nnx.silu(self.conv_norm_out(x)))
+    return x
+
+  def __call__(self, sample, timesteps, context, *, down_residuals=None, mid_residual=None):
+    """down_residuals / mid_residual: ControlNet outputs added to the skips and after the mid block."""
+    context = context.astype(self.dtype)
+    temb = self.time_embed(timesteps)
+    x, skips = self.encode(sample, temb, context)
+    if down_residuals is not None:
+      if len(down_residuals) != len(skips):
+        raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+    x = self.mid_block(x, temb, context)
+    if mid_residual is not None:
+      x = x + mid_residual.astype(x.dtype)
+    return self.decode(x, skips, temb, context)
+
+
+def build(config: UNetConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention: str = "auto"):
+  return UNet2DConditionModel(config, policy=policy, attention=attention, rngs=rngs)
+
+
+checkpoint.register_model("unet", UNetConfig, build)
