@@ -1,12 +1,18 @@
 """Test set-up: 8 virtual CPU devices for the multi-device tests (set before jax is imported)."""
+import functools
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Random init compiles one XLA program per parameter shape; the rbg generator compiles far faster than
+# threefry on CPU (tests check properties, never particular random values).
+jax.config.update("jax_default_prng_impl", "rbg")
 
 
 @pytest.fixture
@@ -19,3 +25,15 @@ def relative_max_error(ours, reference) -> float:
   ours = np.asarray(ours, np.float64)
   reference = np.asarray(reference, np.float64)
   return float(np.max(np.abs(ours - reference)) / max(np.max(np.abs(reference)), 1e-12))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(method: str, kwargs_items: tuple):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return nnx.jit(lambda m, *a: getattr(m, method)(*a, **dict(kwargs_items)))
+
+
+def jit_call(model, *args, method: str = "__call__", **kwargs):
+  """Calls model.method(*args, **kwargs) under nnx.jit, one compile per model structure and input shapes
+  (eager op-by-op dispatch is far slower on CPU)."""
+  return _jitted(method, tuple(sorted(kwargs.items())))(model, *args)

@@ -92,7 +92,7 @@ def load_torch_state(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   if missing or unexpected or mismatched:
     raise CheckpointError(_format_problems(source, missing, unexpected, mismatched))
   for var, array in updates:
-    var.value = jnp.asarray(array, dtype=var.value.dtype)
+    var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
   nnx.update(model, params)
 
 

@@ -154,8 +154,15 @@ class BasicTransformerBlock(nnx.Module):
     x = x + self.attn2(self.norm2(x), context)
     return x + self.ff(self.norm3(x))
 
-  def __call__(self, x, context):
-    return self.text_attention_and_ff(self.self_attention(x), context)
+  def __call__(self, x, context, before_self=None, after_self=None):
+    """before_self / after_self: optional token -> token functions run around the self-attention
+    (CasSR's reference and LR attentions)."""
+    if before_self is not None:
+      x = before_self(x)
+    x = self.self_attention(x)
+    if after_self is not None:
+      x = after_self(x)
+    return self.text_attention_and_ff(x, context)
 
 
 class Transformer2DModel(nnx.Module):

@@ -53,52 +53,84 @@ class UNetConfig:
 
   @classmethod
   def from_diffusers(cls, cfg: dict[str, Any]) -> "UNetConfig":
-    """From a diffusers unet/config.json dict; unsupported options raise ValueError naming them."""
-    checks = {
-        "center_input_sample": False, "time_embedding_type": "positional", "class_embed_type": None,
-        "num_class_embeds": None, "addition_embed_type": None, "resnet_time_scale_shift": "default",
-        "only_cross_attention": False, "dual_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "mid_block_only_cross_attention": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
-        "attention_type": "default", "act_fn": "silu", "mid_block_scale_factor": 1, "conv_in_kernel": 3,
-        "conv_out_kernel": 3, "transformer_layers_per_block": 1, "reverse_transformer_layers_per_block": None,
-        "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False,
-        "timestep_post_act": None, "cross_attention_norm": None, "dropout": 0.0,
-    }
-    bad = []
-    for key, supported in checks.items():
-      value = cfg.get(key, supported)
-      if isinstance(value, list) and isinstance(supported, int) and all(v == supported for v in value):
-        value = supported
-      if isinstance(value, bool) is False and isinstance(value, list) and supported is False:
-        value = False if not any(value) else value
-      if value != supported:
-        bad.append(f"{key}={value!r}")
+    """From a diffusers unet/config.json dict (missing keys take diffusers' defaults).
+
+    Options we do not implement raise ValueError naming each of them, as do keys this converter does not
+    know (a newer diffusers option could change the network silently otherwise); keys starting with "_"
+    are metadata and ignored.
+    """
+    problems = []
+    for key, value in cfg.items():
+      if key.startswith("_") or key in _PARSED_KEYS or key in _IGNORED_KEYS:
+        continue
+      if key not in _OFF_VALUES:
+        problems.append(f"unknown option {key}={value!r}")
+      elif _uniform(value) not in _OFF_VALUES[key]:
+        problems.append(f"{key}={value!r} (supported: {' or '.join(map(repr, _OFF_VALUES[key]))})")
+    get = lambda key, default: _uniform(cfg.get(key, default))
+    channels = tuple(cfg.get("block_out_channels", cls.block_out_channels))
     down = tuple(cfg.get("down_block_types", cls.down_block_types))
-    up = tuple(cfg.get("up_block_types", cls.up_block_types))
-    bad += [f"down block {t!r}" for t in down if t not in (CROSS_DOWN, PLAIN_DOWN)]
-    bad += [f"up block {t!r}" for t in up if t not in (CROSS_UP, PLAIN_UP)]
-    if bad:
-      raise ValueError("unsupported UNet2DConditionModel config: " + ", ".join(bad))
-    n = len(cfg.get("block_out_channels", cls.block_out_channels))
+    # No up_block_types (a ControlNet config): the mirror of the down path (diffusers' default for SD's).
+    mirror = tuple({CROSS_DOWN: CROSS_UP, PLAIN_DOWN: PLAIN_UP}.get(t, t) for t in reversed(down))
+    up = tuple(cfg.get("up_block_types", mirror))
+    problems += [f"down block {t!r} (supported: {CROSS_DOWN}, {PLAIN_DOWN})" for t in dict.fromkeys(down)
+                 if t not in (CROSS_DOWN, PLAIN_DOWN)]
+    problems += [f"up block {t!r} (supported: {CROSS_UP}, {PLAIN_UP})" for t in dict.fromkeys(up)
+                 if t not in (CROSS_UP, PLAIN_UP)]
+    # diffusers' SD configs name the head COUNT attention_head_dim (diffusers issue 2011).
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n
-    cross = cfg.get("cross_attention_dim", 768)
-    if isinstance(cross, (list, tuple)):
-      if len(set(cross)) != 1:
-        raise ValueError(f"unsupported UNet2DConditionModel config: per-block cross_attention_dim {cross}")
-      cross = cross[0]
-    layers_per_block = cfg.get("layers_per_block", 2)
-    if isinstance(layers_per_block, (list, tuple)):
-      raise ValueError(f"unsupported UNet2DConditionModel config: per-block layers_per_block {layers_per_block}")
+    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(channels)
+    cross = get("cross_attention_dim", 1280)
+    layers_per_block = get("layers_per_block", 2)
+    for name, value in (("cross_attention_dim", cross), ("layers_per_block", layers_per_block)):
+      if isinstance(value, (list, tuple)):
+        problems.append(f"per-block {name}={list(value)} (supported: one value for all blocks)")
+    if not len(down) == len(up) == len(heads) == len(channels):
+      problems.append(f"{len(channels)} block_out_channels but {len(down)} down blocks, {len(up)} up blocks "
+                      f"and {len(heads)} head counts")
+    if problems:
+      raise ValueError("unsupported UNet2DConditionModel config: " + "; ".join(problems))
     return cls(
         in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
-        block_out_channels=tuple(cfg.get("block_out_channels", cls.block_out_channels)),
-        down_block_types=down, up_block_types=up, layers_per_block=layers_per_block, heads=heads,
-        cross_attention_dim=cross, use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+        block_out_channels=channels, down_block_types=down, up_block_types=up,
+        layers_per_block=layers_per_block, heads=heads, cross_attention_dim=cross,
+        use_linear_projection=bool(cfg.get("use_linear_projection", False)),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
         norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
         downsample_padding=cfg.get("downsample_padding", 1))
+
+
+# diffusers UNet2DConditionModel options we read.
+_PARSED_KEYS = frozenset({
+    "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
+    "layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
+    "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps", "flip_sin_to_cos",
+    "freq_shift", "downsample_padding"})
+# Options without effect on the network (or only with an option that is rejected below).
+_IGNORED_KEYS = frozenset({"sample_size", "addition_embed_type_num_heads", "addition_time_embed_dim"})
+# Options we do not implement, with the values at which they are off (a per-block list of one repeated
+# value counts as that value).
+_OFF_VALUES: dict[str, tuple] = {
+    "center_input_sample": (False,), "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "class_embed_type": (None,), "num_class_embeds": (None,), "class_embeddings_concat": (False,),
+    "projection_class_embeddings_input_dim": (None,), "addition_embed_type": (None,),
+    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "only_cross_attention": (False,), "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,), "attention_type": ("default",), "cross_attention_norm": (None,),
+    "transformer_layers_per_block": (1,), "reverse_transformer_layers_per_block": (None,),
+    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,), "mid_block_scale_factor": (1.0,), "act_fn": ("silu",),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "dropout": (0.0,),
+}
+
+
+def _uniform(value):
+  """A per-block list whose entries are all equal stands for that one value."""
+  if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
+    return value[0]
+  return value
 
 
 def _transformer(cfg: UNetConfig, channels: int, heads: int, attention: str, policy: Policy, rngs: nnx.Rngs):
@@ -184,6 +216,23 @@ class UpBlock(nnx.Module):
     return x
 
 
+def embed_timesteps(time_embedding: TimestepEmbedding, cfg: UNetConfig, timesteps, batch: int, dtype):
+  """(B,) or scalar timesteps -> (B, time_embed_dim) through the sinusoidal features and the MLP."""
+  timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+  emb = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                           freq_shift=cfg.freq_shift)
+  return time_embedding(emb.astype(dtype))
+
+
+def down_path(down_blocks, x, temb, context):
+  """Runs the down blocks on the conv_in output x; returns the bottom feature and every skip tensor."""
+  skips = [x]
+  for block in down_blocks:
+    x, block_skips = block(x, temb, context)
+    skips.extend(block_skips)
+  return x, skips
+
+
 class UNet2DConditionModel(nnx.Module):
   """SD U-Net. Inputs: latents (B, H, W, C), timesteps (B,), text context (B, T, D); NHWC output."""
 
@@ -203,20 +252,12 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_out = layers.conv(ch[0], cfg.out_channels, 3, **kw)
     self.dtype = policy.dtype
 
-  def time_embed(self, timesteps):
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (timesteps.shape[0],) if jnp.ndim(timesteps) else (1,))
-    emb = timestep_embedding(timesteps, self.config.block_out_channels[0],
-                             flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
-    return self.time_embedding(emb.astype(self.dtype))
+  def time_embed(self, timesteps, batch: int):
+    return embed_timesteps(self.time_embedding, self.config, timesteps, batch, self.dtype)
 
   def encode(self, sample, temb, context):
     """conv_in and the down path: returns the bottom feature and all skip tensors (in creation order)."""
-    x = self.conv_in(sample.astype(self.dtype))
-    skips = [x]
-    for block in self.down_blocks:
-      x, block_skips = block(x, temb, context)
-      skips.extend(block_skips)
-    return x, skips
+    return down_path(self.down_blocks, self.conv_in(sample.astype(self.dtype)), temb, context)
 
   def decode(self, x, skips, temb, context, up_attention_kwargs=None):
     """The up path, consuming `skips` from the end; up_attention_kwargs[i][j] feeds block i, layer j."""
@@ -233,7 +274,7 @@ class UNet2DConditionModel(nnx.Module):
   def __call__(self, sample, timesteps, context, *, down_residuals=None, mid_residual=None):
     """down_residuals / mid_residual: ControlNet outputs added to the skips and after the mid block."""
     context = context.astype(self.dtype)
-    temb = self.time_embed(timesteps)
+    temb = self.time_embed(timesteps, sample.shape[0])
     x, skips = self.encode(sample, temb, context)
     if down_residuals is not None:
       if len(down_residuals) != len(skips):
