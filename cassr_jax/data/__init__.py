@@ -1,0 +1,36 @@
+"""Training data: Real-ESRGAN degradations, robust image decoding, sources and the grain input pipeline.
+
+  degradations  the second-order degradation (numpy + OpenCV) and its presets (x4plus_preset, mild_preset)
+  images        decoding any image file to 8-bit RGB, or a clear error naming the file
+  sources       image folders, tensorflow-datasets, offline paired sets
+  pipeline      default_data_config() (the trainer's config.data), make_train_iterator, make_eval_dataset
+
+Names below are loaded on first use, so importing this package does not import grain (which imports jax).
+"""
+import importlib
+
+_LAZY = {
+    "default_data_config": "pipeline",
+    "make_train_dataset": "pipeline",
+    "make_train_iterator": "pipeline",
+    "make_eval_dataset": "pipeline",
+    "iterator_state": "pipeline",
+    "restore_iterator_state": "pipeline",
+    "orbax_save_args": "pipeline",
+    "orbax_restore_args": "pipeline",
+    "x4plus_preset": "degradations",
+    "mild_preset": "degradations",
+    "degrade": "degradations",
+    "decode_image": "images",
+    "read_image": "images",
+    "ImageError": "images",
+    "DataError": "sources",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,749 @@
+"""Real-ESRGAN second-order degradation in numpy + OpenCV (runs in grain worker processes).
+
+Pipeline per HR crop (every number comes from the config; presets below):
+  0. optional USM sharpening of the HR (the sharpened HR is then both the target and the degradation input);
+  1. stage 1: blur (one of six kernel families, or a 2-D sinc) -> random resize (up/down/keep, random mode)
+     -> Gaussian or Poisson noise (colour or gray) -> clip -> JPEG with a real codec;
+  2. stage 2 (run with probability `second_stage_prob`, 1 in both presets): blur with probability
+     `stage2.blur_prob` -> resize to (H/scale*s, W/scale*s) -> noise;
+  3. with probability `final.resize_first_prob` [resize to H/scale + final sinc (probability
+     `final.sinc_prob`), then JPEG with stage 2's quality], else [JPEG, then resize + final sinc];
+  4. round to 8 bits.
+The HR itself must be a multiple of `scale` in both sides; the LR is exactly (H/scale, W/scale).
+Known differences from Real-ESRGAN's GPU code: JPEG is the real libjpeg codec with an integer quality
+(DiffJPEG there); the cv2 resizes differ from torch's at the borders and in 'area' up-scaling (see below).
+
+Determinism: every random choice is drawn from numpy Generators seeded by a SeedSequence built from
+(seed, epoch, example index) (`example_seed`); the scalar parameters come from one stream with a fixed number
+of draws per image (drawn even when unused, so adding a branch never shifts later draws), each stage's noise
+field from its own stream. The same triple gives the same LR bit for bit, whatever the worker or order.
+
+Implementation notes (speed; each is exact up to float32 rounding unless stated):
+  * images are processed as float32 BGR in [0, 1] (OpenCV's JPEG codec expects BGR, so no conversion is
+    needed around the two JPEG steps);
+  * blur kernels are generated padded to `kernel_pad_to` (21) as in Real-ESRGAN, but filtered with their
+    support only: entries below 1e-9 of the kernel maximum are trimmed (changes the result by < 5e-7),
+    rank-1 kernels use cv2.sepFilter2D, and 13x13 to 17x17 kernels are split into row strips so that
+    OpenCV keeps its direct (non-DFT) path, 1.2-2.3x faster at these sizes (the method depends only on
+    the kernel, never on timing, so results stay bit-reproducible);
+  * Poisson noise is sampled exactly by inverse-CDF tables: the Poisson rate only takes 256 values
+    (rounded 8-bit level x the power-of-two level count), so per-level quantile tables turn the draw into a
+    table look-up (about 4x faster than Generator.poisson);
+  * resize modes map to cv2 INTER_AREA / INTER_LINEAR / INTER_CUBIC. cv2 bilinear/bicubic use half-pixel
+    centres like torch's align_corners=False; for up-scaling cv2's INTER_AREA is close to nearest, where
+    torch's 'area' (adaptive average pooling) is too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Sequence
+
+import cv2
+import ml_collections
+import numpy as np
+
+KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+RESIZE_DIRECTIONS = ("up", "down", "keep")
+_GRAY_BGR = np.array([0.114, 0.587, 0.299], np.float32)  # ITU-R 601 luma weights in B, G, R order
+
+
+# --------------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------------
+
+def _stage(*, blur_prob, sinc_prob, blur_sigma, betag_range, betap_range, resize_prob, resize_range,
+           noise_range, poisson_scale_range, jpeg_range, gaussian_noise_prob=0.5, gray_noise_prob=0.4):
+  return ml_collections.ConfigDict(dict(
+      blur_prob=blur_prob,
+      kernel_list=KERNEL_TYPES,
+      kernel_prob=(0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
+      sinc_prob=sinc_prob,
+      blur_sigma=blur_sigma,  # sigma_x and sigma_y are both drawn from this range
+      rotation_range=(-math.pi, math.pi),
+      betag_range=betag_range,  # generalized Gaussian shape: U[lo, 1] or U[1, hi] with probability 1/2 each
+      betap_range=betap_range,  # plateau shape, same rule
+      # sinc cut-off omega ~ U[sinc_cutoff_small] for kernel size < sinc_small_size, else U[sinc_cutoff_large]
+      sinc_cutoff_small=(math.pi / 3, math.pi),
+      sinc_cutoff_large=(math.pi / 5, math.pi),
+      sinc_small_size=13,
+      resize_prob=resize_prob,  # probabilities of (up, down, keep)
+      resize_range=resize_range,  # down: s ~ U[lo, 1], up: s ~ U[1, hi]
+      resize_modes=("area", "bilinear", "bicubic"),  # chosen uniformly
+      gaussian_noise_prob=gaussian_noise_prob,  # else Poisson
+      noise_range=noise_range,  # Gaussian sigma on the 0-255 scale
+      poisson_scale_range=poisson_scale_range,
+      gray_noise_prob=gray_noise_prob,
+      jpeg_range=jpeg_range,  # integer quality, uniform over [lo, hi] inclusive
+  ))
+
+
+def x4plus_preset() -> ml_collections.ConfigDict:
+  """Real-ESRGAN x4plus (train_realesrgan_x4plus.yml): the degradation the CasSR paper trains with."""
+  return ml_collections.ConfigDict(dict(
+      name="x4plus",
+      scale=4,
+      kernel_sizes=tuple(range(7, 22, 2)),  # odd sizes drawn uniformly for all three kernels
+      kernel_pad_to=21,
+      # DECISION: no USM by default; SD-based SR trains towards the plain HR (StableSR / SeeSR do too).
+      usm_sharpen=False,
+      usm_weight=0.5,
+      usm_radius=50,
+      usm_threshold=10,
+      stage1=_stage(blur_prob=1.0, sinc_prob=0.1, blur_sigma=(0.2, 3.0), betag_range=(0.5, 4.0),
+                    betap_range=(1.0, 2.0), resize_prob=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
+                    noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0), jpeg_range=(30, 95)),
+      stage2=_stage(blur_prob=0.8, sinc_prob=0.1, blur_sigma=(0.2, 1.5), betag_range=(0.5, 4.0),
+                    betap_range=(1.0, 2.0), resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
+                    noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5), jpeg_range=(30, 95)),
+      # Probability that stage 2 (blur, resize, noise) runs at all; Real-ESRGAN always runs it (1.0),
+      # some later pipelines skip it at random (e.g. ResShift's second_order_prob).
+      second_stage_prob=1.0,
+      final=ml_collections.ConfigDict(dict(
+          sinc_prob=0.8,  # else an identity (pulse) kernel
+          sinc_cutoff=(math.pi / 3, math.pi),
+          resize_modes=("area", "bilinear", "bicubic"),
+          resize_first_prob=0.5,  # [resize + sinc, then JPEG] vs [JPEG, then resize + sinc]
+      )),
+  ))
+
+
+def mild_preset() -> ml_collections.ConfigDict:
+  """The milder online degradation of StableSR / SeeSR."""
+  cfg = x4plus_preset()
+  cfg.name = "mild"
+  s1, s2 = cfg.stage1, cfg.stage2
+  s1.blur_sigma, s1.betag_range, s1.betap_range = (0.2, 1.5), (0.5, 2.0), (1.0, 1.5)
+  s1.resize_range, s1.noise_range, s1.poisson_scale_range = (0.3, 1.5), (1.0, 15.0), (0.05, 2.0)
+  s1.jpeg_range = (60, 95)
+  s2.blur_prob, s2.blur_sigma, s2.betag_range, s2.betap_range = 0.5, (0.2, 1.0), (0.5, 2.0), (1.0, 1.5)
+  s2.resize_range, s2.noise_range, s2.poisson_scale_range = (0.6, 1.2), (1.0, 12.0), (0.05, 1.0)
+  s2.jpeg_range = (60, 100)
+  return cfg
+
+
+PRESETS = {"x4plus": x4plus_preset, "mild": mild_preset}
+
+
+def preset(name: str) -> ml_collections.ConfigDict:
+  if name not in PRESETS:
+    raise ValueError(f"unknown degradation preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validated, plain-python view of the config (ConfigDict attribute access is slow in the hot loop)
+# --------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+  blur_prob: float
+  kernel_list: tuple[str, ...]
+  kernel_cum: tuple[float, ...]
+  sinc_prob: float
+  blur_sigma: tuple[float, float]
+  rotation_range: tuple[float, float]
+  betag_range: tuple[float, float]
+  betap_range: tuple[float, float]
+  sinc_cutoff_small: tuple[float, float]
+  sinc_cutoff_large: tuple[float, float]
+  sinc_small_size: int
+  resize_cum: tuple[float, ...]
+  resize_range: tuple[float, float]
+  resize_modes: tuple[str, ...]
+  gaussian_noise_prob: float
+  noise_range: tuple[float, float]
+  poisson_scale_range: tuple[float, float]
+  gray_noise_prob: float
+  jpeg_range: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Checked degradation settings (build with `settings(config)`)."""
+  scale: int
+  kernel_sizes: tuple[int, ...]
+  kernel_pad_to: int
+  usm_sharpen: bool
+  usm_weight: float
+  usm_radius: int
+  usm_threshold: float
+  stage1: _Stage
+  stage2: _Stage
+  final_sinc_prob: float
+  final_sinc_cutoff: tuple[float, float]
+  final_resize_modes: tuple[str, ...]
+  final_resize_first_prob: float
+  second_stage_prob: float
+
+
+def _prob(value, name):
+  value = float(value)
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"degradation config: {name}={value} is not a probability in [0, 1]")
+  return value
+
+
+def _range(value, name, lo=-math.inf, hi=math.inf, cast=float):
+  if not isinstance(value, Sequence) or len(value) != 2:
+    raise ValueError(f"degradation config: {name}={value!r} must be a (low, high) pair")
+  a, b = cast(value[0]), cast(value[1])
+  if not lo <= a <= b <= hi:
+    raise ValueError(f"degradation config: {name}={value!r} must satisfy {lo} <= low <= high <= {hi}")
+  return a, b
+
+
+def _around_one(value, name):
+  lo, hi = _range(value, name, lo=1e-3)
+  if not lo <= 1.0 <= hi:
+    raise ValueError(f"degradation config: {name}={value!r} must contain 1 (low <= 1 <= high)")
+  return lo, hi
+
+
+def _cumulative(probs, n, name):
+  probs = [float(p) for p in probs]
+  if len(probs) != n or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+    raise ValueError(f"degradation config: {name}={tuple(probs)} must be {n} non-negative probabilities "
+                     "summing to 1")
+  return tuple(np.cumsum(probs) / sum(probs))
+
+
+def _modes(modes, name):
+  modes = tuple(modes)
+  bad = [m for m in modes if m not in RESIZE_MODES]
+  if not modes or bad:
+    raise ValueError(f"degradation config: {name} has unknown resize modes {bad}; known: {list(RESIZE_MODES)}")
+  return modes
+
+
+def _stage_settings(c, name) -> _Stage:
+  kernel_list = tuple(c.kernel_list)
+  bad = [k for k in kernel_list if k not in KERNEL_TYPES]
+  if bad:
+    raise ValueError(f"degradation config: {name}.kernel_list has unknown kernels {bad}; known: {KERNEL_TYPES}")
+  return _Stage(
+      blur_prob=_prob(c.blur_prob, f"{name}.blur_prob"),
+      kernel_list=kernel_list,
+      kernel_cum=_cumulative(c.kernel_prob, len(kernel_list), f"{name}.kernel_prob"),
+      sinc_prob=_prob(c.sinc_prob, f"{name}.sinc_prob"),
+      blur_sigma=_range(c.blur_sigma, f"{name}.blur_sigma", lo=1e-3),
+      rotation_range=_range(c.rotation_range, f"{name}.rotation_range"),
+      betag_range=_around_one(c.betag_range, f"{name}.betag_range"),
+      betap_range=_around_one(c.betap_range, f"{name}.betap_range"),
+      sinc_cutoff_small=_range(c.sinc_cutoff_small, f"{name}.sinc_cutoff_small", lo=1e-3, hi=math.pi),
+      sinc_cutoff_large=_range(c.sinc_cutoff_large, f"{name}.sinc_cutoff_large", lo=1e-3, hi=math.pi),
+      sinc_small_size=int(c.sinc_small_size),
+      resize_cum=_cumulative(c.resize_prob, 3, f"{name}.resize_prob"),
+      resize_range=_around_one(c.resize_range, f"{name}.resize_range"),
+      resize_modes=_modes(c.resize_modes, f"{name}.resize_modes"),
+      gaussian_noise_prob=_prob(c.gaussian_noise_prob, f"{name}.gaussian_noise_prob"),
+      noise_range=_range(c.noise_range, f"{name}.noise_range", lo=0.0),
+      poisson_scale_range=_range(c.poisson_scale_range, f"{name}.poisson_scale_range", lo=0.0),
+      gray_noise_prob=_prob(c.gray_noise_prob, f"{name}.gray_noise_prob"),
+      jpeg_range=_range(c.jpeg_range, f"{name}.jpeg_range", lo=1, hi=100, cast=int),
+  )
+
+
+def settings(config: ml_collections.ConfigDict | Settings) -> Settings:
+  """Validates a degradation ConfigDict (clear ValueError naming the field) and freezes it."""
+  if isinstance(config, Settings):
+    return config
+  sizes = tuple(int(k) for k in config.kernel_sizes)
+  pad_to = int(config.kernel_pad_to)
+  if not sizes or any(k % 2 == 0 or k < 1 or k > pad_to for k in sizes):
+    raise ValueError(f"degradation config: kernel_sizes={sizes} must be odd and <= kernel_pad_to={pad_to}")
+  if pad_to % 2 == 0:
+    raise ValueError(f"degradation config: kernel_pad_to={pad_to} must be odd")
+  scale = int(config.scale)
+  if scale < 1:
+    raise ValueError(f"degradation config: scale={scale} must be >= 1")
+  radius = int(config.usm_radius)
+  return Settings(
+      scale=scale, kernel_sizes=sizes, kernel_pad_to=pad_to,
+      usm_sharpen=bool(config.usm_sharpen), usm_weight=float(config.usm_weight),
+      usm_radius=radius + 1 if radius % 2 == 0 else radius, usm_threshold=float(config.usm_threshold),
+      stage1=_stage_settings(config.stage1, "stage1"), stage2=_stage_settings(config.stage2, "stage2"),
+      final_sinc_prob=_prob(config.final.sinc_prob, "final.sinc_prob"),
+      final_sinc_cutoff=_range(config.final.sinc_cutoff, "final.sinc_cutoff", lo=1e-3, hi=math.pi),
+      final_resize_modes=_modes(config.final.resize_modes, "final.resize_modes"),
+      final_resize_first_prob=_prob(config.final.resize_first_prob, "final.resize_first_prob"),
+      second_stage_prob=_prob(config.get("second_stage_prob", 1.0), "second_stage_prob"),
+  )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------
+
+def bessel_j1(x: np.ndarray) -> np.ndarray:
+  """Bessel function J1 via Bessel's integral, trapezoid rule over a full period.
+
+  The trapezoid rule is spectrally accurate for periodic integrands: with 128 nodes the error is below
+  1e-15 for |x| < 60, far beyond the |x| <= pi * 10 * sqrt(2) a 21x21 sinc kernel needs. (Avoids a scipy
+  dependency in the workers.)
+  """
+  x = np.asarray(x, np.float64)
+  if np.max(np.abs(x), initial=0.0) > 60:
+    raise ValueError("bessel_j1: |x| > 60 is outside the accurate range")
+  tau = np.arange(128) * (2 * np.pi / 128)
+  return np.mean(np.sin(tau) * np.sin(x[..., None] * np.sin(tau)), axis=-1)
+
+
+def _grid(size: int):
+  ax = np.arange(size, dtype=np.float64) - (size - 1) / 2
+  return np.meshgrid(ax, ax)  # xx varies along columns, yy along rows
+
+
+def _quadratic_form(size, sigma_x, sigma_y, theta):
+  """d^T Sigma^-1 d on the grid, Sigma = R diag(sx^2, sy^2) R^T."""
+  xx, yy = _grid(size)
+  c, s = math.cos(theta), math.sin(theta)
+  # Rotate the grid into the kernel's principal axes: u = R^T d.
+  u = c * xx + s * yy
+  v = -s * xx + c * yy
+  return (u / sigma_x) ** 2 + (v / sigma_y) ** 2
+
+
+def gaussian_kernel(size, sigma_x, sigma_y, theta):
+  k = np.exp(-0.5 * _quadratic_form(size, sigma_x, sigma_y, theta))
+  return k / k.sum()
+
+
+def generalized_gaussian_kernel(size, sigma_x, sigma_y, theta, beta):
+  k = np.exp(-0.5 * _quadratic_form(size, sigma_x, sigma_y, theta) ** beta)
+  return k / k.sum()
+
+
+def plateau_kernel(size, sigma_x, sigma_y, theta, beta):
+  k = 1.0 / (_quadratic_form(size, sigma_x, sigma_y, theta) ** beta + 1.0)
+  return k / k.sum()
+
+
+def sinc_kernel(size, cutoff):
+  """Circular low-pass (2-D sinc) filter: cutoff * J1(cutoff r) / (2 pi r), centre cutoff^2 / (4 pi)."""
+  xx, yy = _grid(size)
+  r = np.sqrt(xx ** 2 + yy ** 2)
+  centre = r == 0
+  r_safe = np.where(centre, 1.0, r)
+  k = cutoff * bessel_j1(cutoff * r_safe) / (2 * np.pi * r_safe)
+  k[centre] = cutoff ** 2 / (4 * np.pi)
+  return k / k.sum()
+
+
+def pad_kernel(kernel, size):
+  pad = (size - kernel.shape[0]) // 2
+  return np.pad(kernel, pad) if pad > 0 else kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+  """A sampled kernel: kind in KERNEL_TYPES + ('sinc', 'pulse'); size = odd support; pad_to = array size."""
+  kind: str
+  size: int
+  pad_to: int
+  sigma_x: float = 0.0
+  sigma_y: float = 0.0
+  theta: float = 0.0
+  beta: float = 1.0
+  cutoff: float = 0.0
+
+
+def build_kernel(spec: KernelSpec) -> np.ndarray:
+  """The float64 kernel of `spec`, zero-padded to spec.pad_to x spec.pad_to, summing to one."""
+  kind, size = spec.kind, spec.size
+  if kind in ("iso", "aniso"):
+    k = gaussian_kernel(size, spec.sigma_x, spec.sigma_y, spec.theta)
+  elif kind.startswith("generalized"):
+    k = generalized_gaussian_kernel(size, spec.sigma_x, spec.sigma_y, spec.theta, spec.beta)
+  elif kind.startswith("plateau"):
+    k = plateau_kernel(size, spec.sigma_x, spec.sigma_y, spec.theta, spec.beta)
+  elif kind == "sinc":
+    k = sinc_kernel(size, spec.cutoff)
+  elif kind == "pulse":
+    k = np.zeros((size, size))
+    k[size // 2, size // 2] = 1.0
+  else:
+    raise ValueError(f"unknown kernel kind {kind!r}")
+  return pad_kernel(k, spec.pad_to)
+
+
+def _sample_kernel(rng: np.random.Generator, st: _Stage, sizes, pad_to) -> KernelSpec:
+  # Always 8 draws, in this order, whatever the branch.
+  u_sinc, u_size, u_kind, t_sx, t_sy, t_theta, u_side, t_shape = rng.random(8)
+  size = sizes[min(int(u_size * len(sizes)), len(sizes) - 1)]
+  if u_sinc < st.sinc_prob:
+    lo, hi = st.sinc_cutoff_small if size < st.sinc_small_size else st.sinc_cutoff_large
+    return KernelSpec("sinc", size, pad_to, cutoff=lo + t_shape * (hi - lo))
+  kind = st.kernel_list[min(int(np.searchsorted(st.kernel_cum, u_kind, side="right")), len(st.kernel_list) - 1)]
+  s_lo, s_hi = st.blur_sigma
+  sigma_x = s_lo + t_sx * (s_hi - s_lo)
+  if kind.endswith("iso") and not kind.endswith("aniso"):
+    sigma_y, theta = sigma_x, 0.0
+  else:
+    sigma_y = s_lo + t_sy * (s_hi - s_lo)
+    r_lo, r_hi = st.rotation_range
+    theta = r_lo + t_theta * (r_hi - r_lo)
+  beta = 1.0
+  if kind.startswith(("generalized", "plateau")):
+    b_lo, b_hi = st.betag_range if kind.startswith("generalized") else st.betap_range
+    # Half the time U[lo, 1], else U[1, hi] (so a range starting at 1 gives beta = 1 half the time).
+    beta = b_lo + t_shape * (1.0 - b_lo) if u_side < 0.5 else 1.0 + t_shape * (b_hi - 1.0)
+  return KernelSpec(kind, size, pad_to, sigma_x, sigma_y, theta, beta)
+
+
+def _sample_final_sinc(rng, s: Settings) -> KernelSpec:
+  u_apply, u_size, t_cut = rng.random(3)
+  if u_apply >= s.final_sinc_prob:
+    return KernelSpec("pulse", 1, s.kernel_pad_to)
+  size = s.kernel_sizes[min(int(u_size * len(s.kernel_sizes)), len(s.kernel_sizes) - 1)]
+  lo, hi = s.final_sinc_cutoff
+  return KernelSpec("sinc", size, s.kernel_pad_to, cutoff=lo + t_cut * (hi - lo))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sampled parameters
+# --------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StageParams:
+  blur: bool
+  kernel: KernelSpec
+  resize: str  # 'up' | 'down' | 'keep'
+  resize_scale: float
+  resize_mode: str
+  noise: str  # 'gaussian' | 'poisson'
+  gray_noise: bool
+  noise_sigma: float  # 0-255 scale
+  poisson_scale: float
+  jpeg_quality: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DegradationParams:
+  stage1: StageParams
+  stage2: StageParams
+  final_sinc: KernelSpec
+  final_resize_first: bool
+  final_resize_mode: str
+  second_stage: bool = True  # False: stage 2's blur, resize and noise are skipped (the final step still runs)
+
+
+def _sample_stage(rng, st: _Stage, kernel: KernelSpec) -> StageParams:
+  u_blur, u_dir, t_scale, u_mode, u_noise, u_gray, t_sigma, t_poisson = rng.random(8)
+  quality = int(rng.integers(st.jpeg_range[0], st.jpeg_range[1] + 1))
+  direction = RESIZE_DIRECTIONS[min(int(np.searchsorted(st.resize_cum, u_dir, side="right")), 2)]
+  lo, hi = st.resize_range
+  if direction == "up":
+    scale = 1.0 + t_scale * (hi - 1.0)
+  elif direction == "down":
+    scale = lo + t_scale * (1.0 - lo)
+  else:
+    scale = 1.0
+  n_lo, n_hi = st.noise_range
+  p_lo, p_hi = st.poisson_scale_range
+  return StageParams(
+      blur=bool(u_blur < st.blur_prob), kernel=kernel, resize=direction, resize_scale=float(scale),
+      resize_mode=st.resize_modes[min(int(u_mode * len(st.resize_modes)), len(st.resize_modes) - 1)],
+      noise="gaussian" if u_noise < st.gaussian_noise_prob else "poisson",
+      gray_noise=bool(u_gray < st.gray_noise_prob),
+      noise_sigma=float(n_lo + t_sigma * (n_hi - n_lo)),
+      poisson_scale=float(p_lo + t_poisson * (p_hi - p_lo)), jpeg_quality=quality)
+
+
+def sample_params(config, rng: np.random.Generator) -> DegradationParams:
+  """Draws every random choice of one degradation (a fixed number of draws from `rng`)."""
+  s = settings(config)
+  k1 = _sample_kernel(rng, s.stage1, s.kernel_sizes, s.kernel_pad_to)
+  k2 = _sample_kernel(rng, s.stage2, s.kernel_sizes, s.kernel_pad_to)
+  final_sinc = _sample_final_sinc(rng, s)
+  stage1 = _sample_stage(rng, s.stage1, k1)
+  stage2 = _sample_stage(rng, s.stage2, k2)
+  u_order, u_mode, u_second = rng.random(3)
+  modes = s.final_resize_modes
+  return DegradationParams(stage1, stage2, final_sinc, bool(u_order < s.final_resize_first_prob),
+                           modes[min(int(u_mode * len(modes)), len(modes) - 1)],
+                           second_stage=bool(u_second < s.second_stage_prob))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Operations on float32 images in [0, 1]
+# --------------------------------------------------------------------------------------------------------
+
+_DIRECT_MAX_AREA = 129  # OpenCV switches filter2D to its DFT path at >= 130 kernel taps
+_STRIP_MAX_SIZE = 17  # up to 17x17, direct row strips beat the DFT path (measured 1.2-2.3x); 19, 21: DFT
+
+
+def _trim(kernel: np.ndarray) -> np.ndarray:
+  """Crops the zero-weight border (entries < 1e-9 of the max), keeping the kernel centred."""
+  mask = np.abs(kernel) > 1e-9 * np.abs(kernel).max()
+  rows, cols = np.nonzero(mask)
+  c = kernel.shape[0] // 2
+  r = max(c - rows.min(), rows.max() - c, c - cols.min(), cols.max() - c)
+  return kernel[c - r:c + r + 1, c - r:c + r + 1]
+
+
+def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+  """Correlates img (H, W, C float32) with a centred odd kernel, reflect-101 borders (torch 'reflect')."""
+  k = _trim(np.asarray(kernel, np.float64))
+  n = k.shape[0]
+  if n == 1:
+    return img * np.float32(k[0, 0]) if k[0, 0] != 1 else img
+  u, s, vt = np.linalg.svd(k)
+  if s[1] <= 1e-7 * s[0]:  # separable (isotropic / axis-aligned Gaussians)
+    col = (u[:, 0] * math.sqrt(s[0])).astype(np.float32)
+    row = (vt[0] * math.sqrt(s[0])).astype(np.float32)
+    return _keep_channels(cv2.sepFilter2D(img, -1, row, col, borderType=cv2.BORDER_REFLECT_101), img)
+  k32 = k.astype(np.float32)
+  if n * n <= _DIRECT_MAX_AREA or n > _STRIP_MAX_SIZE:
+    return _keep_channels(cv2.filter2D(img, -1, k32, borderType=cv2.BORDER_REFLECT_101), img)
+  # Row strips, each small enough for the direct path, applied to an explicitly padded image and summed.
+  h, w = img.shape[:2]
+  r = n // 2
+  padded = cv2.copyMakeBorder(img, r, r, r, r, cv2.BORDER_REFLECT_101)
+  rows_per_strip = max(1, _DIRECT_MAX_AREA // n)
+  out = None
+  for r0 in range(0, n, rows_per_strip):
+    strip = k32[r0:r0 + rows_per_strip]
+    # With anchor (0, 0): dst[y, x] = sum_ij strip[i, j] * src[y + i, x + j]; we need rows y + r0.
+    src = padded[r0:r0 + h + strip.shape[0] - 1]
+    part = cv2.filter2D(src, -1, strip, anchor=(0, 0), borderType=cv2.BORDER_REFLECT_101)[:h, :w]
+    out = part if out is None else cv2.add(out, part)
+  return _keep_channels(out, img)
+
+
+def _keep_channels(out, like):
+  # OpenCV drops a trailing channel axis of size 1.
+  return out[..., None] if out.ndim == 2 and like.ndim == 3 else out
+
+
+def resize(img: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+  if img.shape[0] == height and img.shape[1] == width:
+    return img
+  return _keep_channels(cv2.resize(img, (width, height), interpolation=RESIZE_MODES[mode]), img)
+
+
+def gaussian_noise(rng, shape, sigma, gray) -> np.ndarray:
+  h, w, c = shape
+  noise = rng.standard_normal((h, w, 1 if gray else c), dtype=np.float32)
+  noise *= np.float32(sigma / 255.0)
+  return noise
+
+
+_POISSON_BIN_BITS = 12  # 4096 quantile bins per 8-bit level
+
+
+@functools.lru_cache(maxsize=16)
+def _poisson_tables(vals: float):
+  """Inverse-CDF tables for the 256 Poisson rates k/255*vals (k = 8-bit level).
+
+  cdf[k, j] = P(X <= j); stacked = (cdf + k) flattened, for one vectorised binary search;
+  packed[k << 12 | m] = lo | ambiguous << 15, where lo = smallest j with cdf[k, j] >= m/4096 and
+  `ambiguous` says that the bin [m/4096, (m+1)/4096) also reaches larger j.
+  """
+  bins = 1 << _POISSON_BIN_BITS
+  lam = np.arange(256, dtype=np.float64) / 255.0 * vals
+  jmax = int(vals + 12 * math.sqrt(vals) + 20)  # P(X > jmax) < 1e-25 for every rate here
+  j = np.arange(jmax + 1, dtype=np.float64)
+  log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, jmax + 1)))])
+  log_lam = np.log(np.maximum(lam, 1e-300))[:, None]
+  pmf = np.exp(j[None] * log_lam - lam[:, None] - log_fact[None])
+  pmf[0] = 0.0
+  pmf[0, 0] = 1.0  # rate 0: X = 0
+  cdf = np.cumsum(pmf, axis=1)
+  cdf[:, -1] = 1.0  # the far tail folds into the last entry
+  edges = np.arange(bins + 1, dtype=np.float64) / bins
+  quantile = np.stack([np.searchsorted(row, edges, side="left") for row in cdf])
+  quantile = np.minimum(quantile, jmax)
+  lo, hi = quantile[:, :-1], quantile[:, 1:]
+  packed = (lo | ((hi > lo).astype(np.int64) << 15)).astype(np.uint16).ravel()
+  stacked = (cdf + np.arange(256)[:, None]).ravel()
+  return cdf, packed, stacked
+
+
+def poisson_sample_levels(rng, levels: np.ndarray, vals: float) -> np.ndarray:
+  """Poisson(levels/255*vals) samples for uint8 `levels` (vals <= 256), exact inverse-CDF sampling.
+
+  One 32-bit uniform u per sample: its top 12 bits pick a quantile bin, and a table look-up resolves the
+  ~98% of samples whose bin holds a single value; the rest use a binary search of the CDF. Exact up to the
+  2^-32 resolution of u.
+  """
+  if vals > 256:
+    raise ValueError(f"poisson_sample_levels: vals={vals} > 256")
+  cdf, packed, stacked = _poisson_tables(float(vals))
+  bits = rng.integers(0, 1 << 32, size=levels.shape, dtype=np.uint32)
+  idx = levels.astype(np.uint32) << _POISSON_BIN_BITS
+  idx |= bits >> (32 - _POISSON_BIN_BITS)
+  x = packed.take(idx)
+  ambiguous = np.flatnonzero(x >= 0x8000)
+  x &= 0x7FFF
+  if ambiguous.size:
+    # X = min{j : cdf[k, j] > u}: one binary search in the rows laid end to end, row k shifted by +k
+    # (non-decreasing overall since every row ends at exactly 1).
+    level = levels.ravel()[ambiguous].astype(np.intp)
+    u = bits.ravel()[ambiguous] * (1.0 / 2.0 ** 32)
+    pos = np.searchsorted(stacked, u + level, side="right")
+    x.ravel()[ambiguous] = pos - level * cdf.shape[1]
+  return x
+
+
+def _level_count(levels: np.ndarray) -> float:
+  """2^ceil(log2(number of distinct 8-bit levels)) (Real-ESRGAN's Poisson 'vals')."""
+  distinct = int(np.count_nonzero(np.bincount(levels.ravel(), minlength=256)))
+  return float(2 ** math.ceil(math.log2(max(distinct, 1))))
+
+
+def poisson_noise(rng, img: np.ndarray, scale: float, gray: bool) -> np.ndarray:
+  """Poisson noise field for img (H, W, 3) float32 BGR; the noise of the 8-bit quantised image, scaled."""
+  src = img @ _GRAY_BGR if gray else img
+  if gray:
+    src = src[..., None]
+  levels = to_uint8(src)
+  vals = _level_count(levels)
+  counts = poisson_sample_levels(rng, levels, vals)
+  noise = counts.astype(np.float32)
+  noise *= np.float32(scale / vals)
+  noise -= levels.astype(np.float32) * np.float32(scale / 255)
+  return noise
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+  """Real JPEG round trip (libjpeg via OpenCV, 4:2:0) of a float32 BGR image in [0, 1]."""
+  u8 = to_uint8(img)
+  ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+  if not ok:
+    raise RuntimeError("JPEG encoding failed")
+  out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+  return _keep_channels(out, img).astype(np.float32) * np.float32(1 / 255)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+  """clip(round(x * 255)) as uint8."""
+  return np.clip(np.rint(img * np.float32(255)), 0, 255).astype(np.uint8)
+
+
+def usm_sharpen(img: np.ndarray, weight: float, radius: int, threshold: float) -> np.ndarray:
+  """Unsharp masking with a soft threshold mask (Real-ESRGAN's USM, sigma from the radius)."""
+  blur = cv2.GaussianBlur(img, (radius, radius), 0)
+  residual = img - blur
+  mask = (np.abs(residual) * 255 > threshold).astype(np.float32)
+  soft = _keep_channels(cv2.GaussianBlur(mask, (radius, radius), 0), img)
+  sharp = np.clip(img + weight * residual, 0, 1)
+  return soft * sharp + (1 - soft) * img
+
+
+# --------------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------------
+
+def example_seed(seed: int, epoch: int, index: int) -> np.random.SeedSequence:
+  """The SeedSequence of one training example; the only source of its randomness."""
+  for name, v in (("seed", seed), ("epoch", epoch), ("index", index)):
+    if int(v) < 0:
+      raise ValueError(f"example_seed: {name}={v} must be >= 0")
+  return np.random.SeedSequence([int(seed), int(epoch), int(index)])
+
+
+def child_rng(seq: np.random.SeedSequence, key: int) -> np.random.Generator:
+  """Independent stream number `key` of seq (stable: does not depend on how often spawn was called)."""
+  child = np.random.SeedSequence(seq.entropy, spawn_key=tuple(seq.spawn_key) + (int(key),))
+  return np.random.Generator(np.random.PCG64(child))
+
+
+class _Timer:
+  def __init__(self, timings):
+    self.timings = timings
+    self.t = time.thread_time()
+
+  def __call__(self, name):
+    if self.timings is not None:
+      now = time.thread_time()
+      self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+      self.t = now
+
+
+def _noise(img, p: StageParams, rng):
+  if p.noise == "gaussian":
+    noise = gaussian_noise(rng, img.shape, p.noise_sigma, p.gray_noise)
+  else:
+    noise = poisson_noise(rng, img, p.poisson_scale, p.gray_noise)
+  out = img + noise  # broadcasts a gray (H, W, 1) field over the channels
+  return np.clip(out, 0, 1, out=out)
+
+
+def degrade_with_params(hr: np.ndarray, config, params: DegradationParams, seq: np.random.SeedSequence,
+                        timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+  """Applies `params` to hr (H, W, 3) uint8 RGB; noise fields are drawn from streams 1 and 2 of `seq`.
+
+  Returns {'hr': uint8 RGB (USM-sharpened if configured), 'lr': uint8 RGB of size (H/scale, W/scale)}.
+  """
+  s = settings(config)
+  hr = np.asarray(hr)
+  if hr.dtype != np.uint8 or hr.ndim != 3 or hr.shape[2] != 3:
+    raise ValueError(f"degrade: expected an (H, W, 3) uint8 RGB image, got {hr.dtype} {hr.shape}")
+  h, w = hr.shape[:2]
+  if h % s.scale or w % s.scale:
+    raise ValueError(f"degrade: HR size {h}x{w} is not a multiple of scale {s.scale}")
+  tick = _Timer(timings)
+  img = cv2.cvtColor(hr, cv2.COLOR_RGB2BGR).astype(np.float32)
+  img *= np.float32(1 / 255)
+  tick("to_float")
+  if s.usm_sharpen:
+    img = usm_sharpen(img, s.usm_weight, s.usm_radius, s.usm_threshold)
+    tick("usm")
+  target = img
+  noise1, noise2 = child_rng(seq, 1), child_rng(seq, 2)
+  lh, lw = h // s.scale, w // s.scale
+
+  # Stage 1.
+  p = params.stage1
+  out = filter2d(img, build_kernel(p.kernel)) if p.blur else img
+  tick("blur1")
+  out = resize(out, max(1, int(h * p.resize_scale)), max(1, int(w * p.resize_scale)), p.resize_mode)
+  tick("resize1")
+  out = _noise(out, p, noise1)
+  tick("noise1")
+  out = jpeg(out, p.jpeg_quality)
+  tick("jpeg1")
+
+  # Stage 2 (its JPEG quality is used by the final step even when the stage is skipped).
+  p = params.stage2
+  if params.second_stage:
+    if p.blur:
+      out = filter2d(out, build_kernel(p.kernel))
+    tick("blur2")
+    out = resize(out, max(1, int(h / s.scale * p.resize_scale)), max(1, int(w / s.scale * p.resize_scale)),
+                 p.resize_mode)
+    tick("resize2")
+    out = _noise(out, p, noise2)
+    tick("noise2")
+  sinc = build_kernel(params.final_sinc) if params.final_sinc.kind != "pulse" else None
+  if params.final_resize_first:
+    out = resize(out, lh, lw, params.final_resize_mode)
+    out = filter2d(out, sinc) if sinc is not None else out
+    tick("final_resize_sinc")
+    out = jpeg(out, p.jpeg_quality)
+    tick("jpeg2")
+  else:
+    out = jpeg(out, p.jpeg_quality)
+    tick("jpeg2")
+    out = resize(out, lh, lw, params.final_resize_mode)
+    out = filter2d(out, sinc) if sinc is not None else out
+    tick("final_resize_sinc")
+  lr = cv2.cvtColor(to_uint8(out), cv2.COLOR_BGR2RGB)
+  # The training target: the sharpened HR rounded to 8 bits (the LR was made from the unrounded one).
+  hr_out = cv2.cvtColor(to_uint8(target), cv2.COLOR_BGR2RGB) if s.usm_sharpen else hr
+  tick("round")
+  return {"hr": hr_out, "lr": lr}
+
+
+def degrade(hr: np.ndarray, config, seq: np.random.SeedSequence | int,
+            timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+  """Degrades hr (H, W, 3) uint8 RGB with the randomness of `seq` (see example_seed)."""
+  if not isinstance(seq, np.random.SeedSequence):
+    seq = np.random.SeedSequence(int(seq))
+  s = settings(config)
+  params = sample_params(s, child_rng(seq, 0))
+  return degrade_with_params(hr, s, params, seq, timings)
