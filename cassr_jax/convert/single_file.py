@@ -5,6 +5,9 @@ A single file holds the whole pipeline under three prefixes:
   first_stage_model.*              VAE     (encoder.down.N.block.M, mid.attn_1 with 1x1-conv q/k/v/proj_out, ...)
   cond_stage_model.transformer.*   CLIP text encoder (transformers names, with or without "text_model.")
 plus diffusion-schedule buffers and EMA copies ("model_ema.*"), which are not weights and are skipped.
+ControlNet single files (lllyasviel's .pth/.safetensors: "input_hint_block.*", "zero_convs.*",
+"middle_block_out.*" and the down path in U-Net numbering, bare or under "control_model.") convert to the
+"controlnet" component.
 Configs are embedded (SD-1.5's diffusers/transformers config.json values), so nothing is fetched from the
 hub; `configs` replaces them per component (tests use small models). SD-2 (OpenCLIP) and SDXL files are
 refused with a clear error. Every other key must map: anything missing, unexpected or misshapen is an error.
@@ -46,6 +49,15 @@ SD15_CONFIGS: dict[str, dict] = {
         "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
         "out_channels": 4, "sample_size": 64,
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    "controlnet": {
+        "_class_name": "ControlNetModel", "act_fn": "silu", "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280], "conditioning_embedding_out_channels": [16, 32, 96, 256],
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                             "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+        "layers_per_block": 2, "norm_eps": 1e-5, "norm_num_groups": 32,
     },
     "vae": {
         "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
@@ -137,8 +149,51 @@ def clip_ldm_key(key: str, config=None) -> str:  # pylint: disable=unused-argume
   return key if key.startswith("text_model.") else "text_model." + key
 
 
+def controlnet_ldm_key(key: str, config) -> str:
+  """ControlNet key -> LDM key: the down path and mid block in U-Net numbering, plus the hint encoder
+  (convs at even indices of input_hint_block, SiLU between), zero_convs and middle_block_out."""
+  if m := re.fullmatch(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(\w+)", key):
+    if m[1] == "conv_in":
+      index = 0
+    elif m[1] == "conv_out":
+      index = 2 * (2 * (len(config.conditioning_embedding_out_channels) - 1) + 1)
+    else:
+      index = 2 * (int(m[2]) + 1)
+    return f"input_hint_block.{index}.{m[3]}"
+  if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(\w+)", key):
+    return f"zero_convs.{m[1]}.0.{m[2]}"
+  if m := re.fullmatch(r"controlnet_mid_block\.(\w+)", key):
+    return f"middle_block_out.0.{m[1]}"
+  return unet_ldm_key(key, config)
+
+
 _LDM_KEY: dict[str, Callable[[str, object], str]] = {
-    "unet": unet_ldm_key, "vae": vae_ldm_key, "text_encoder": clip_ldm_key}
+    "unet": unet_ldm_key, "vae": vae_ldm_key, "text_encoder": clip_ldm_key, "controlnet": controlnet_ldm_key}
+CONTROLNET_PREFIX = "control_model."
+
+
+def is_controlnet_file(state_dict: Mapping[str, np.ndarray]) -> bool:
+  return any(k.startswith(("zero_convs.", CONTROLNET_PREFIX + "zero_convs.")) for k in state_dict)
+
+
+def convert_controlnet_file(path: str, out_dir: str, *, dtype: str | None = None,
+                            config: Mapping | None = None, state_dict=None) -> dict[str, str]:
+  """Converts a ControlNet single file (bare keys or under "control_model.") to out_dir/controlnet."""
+  state_dict = read_state_dict(path, prefer=("state_dict",)) if state_dict is None else state_dict
+  prefix = CONTROLNET_PREFIX if any(k.startswith(CONTROLNET_PREFIX) for k in state_dict) else ""
+  # Full training checkpoints also hold the SD weights next to control_model.*: only the ControlNet is kept.
+  part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  spec = dconv.COMPONENTS["controlnet"]
+  values = dict(config or SD15_CONFIGS["controlnet"])
+  hint = part.get("input_hint_block.0.weight")
+  if config is None and hint is not None and np.ndim(hint) == 4:
+    values["conditioning_channels"] = int(np.shape(hint)[1])
+  parsed = dconv.parse_config(spec, values, f"{path} (controlnet config)")
+  model = dconv.load_component(spec.model_type, parsed, part, dtype=dtype, source=f"{path} [controlnet]",
+                               rename=lambda key: controlnet_ldm_key(key, parsed))
+  target = os.path.join(out_dir, "controlnet")
+  dconv.save_component(target, model, spec.model_type, parsed)
+  return {"controlnet": target}
 # VAE mid-attention projections are 1x1 convolutions in LDM, linear layers in diffusers.
 _VAE_CONV_ATTENTION = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 
@@ -230,14 +285,22 @@ def convert_single_file(path: str, out_dir: str, *, components: str | Sequence[s
   """
   path = os.fspath(path)
   configs = dict(configs or {})
-  unknown = sorted(set(configs) - set(PREFIXES))
+  unknown = sorted(set(configs) - set(PREFIXES) - {"controlnet"})
   if unknown:
-    raise ValueError(f"configs: unknown components {unknown}; single files hold {sorted(PREFIXES)}")
+    raise ValueError(f"configs: unknown components {unknown}; single files hold {sorted(PREFIXES)} "
+                     "or a ControlNet")
   wanted = dconv._parse_components(components) or tuple(PREFIXES)  # pylint: disable=protected-access
-  unsupported = [c for c in wanted if c not in PREFIXES]
+  unsupported = [c for c in wanted if c not in PREFIXES and c != "controlnet"]
   if unsupported:
     raise CheckpointError(f"{path}: single-file checkpoints hold {sorted(PREFIXES)}, not {unsupported}")
   state_dict = read_state_dict(path, prefer=("state_dict",))
+  if is_controlnet_file(state_dict):
+    if components and set(wanted) != {"controlnet"}:
+      raise CheckpointError(f"{path}: a ControlNet checkpoint; it holds only the 'controlnet' component")
+    return convert_controlnet_file(path, out_dir, dtype=dtype, config=configs.get("controlnet"),
+                                   state_dict=state_dict)
+  if "controlnet" in wanted:
+    raise CheckpointError(f"{path}: an SD checkpoint without ControlNet weights ('zero_convs.*')")
   parts = _split(state_dict, path)
   empty = [c for c in wanted if not parts[c]]
   if empty:
@@ -275,5 +338,5 @@ def to_ldm_state_dict(parts: Mapping[str, Mapping[str, np.ndarray]],
       ldm = _LDM_KEY[name](key, config)
       if name == "vae" and _VAE_CONV_ATTENTION.fullmatch(ldm) and np.ndim(value) == 2:
         value = np.asarray(value)[:, :, None, None]
-      out[PREFIXES[name] + ldm] = value
+      out[PREFIXES.get(name, "") + ldm] = value  # ControlNet files keep bare keys
   return out
