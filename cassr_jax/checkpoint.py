@@ -45,6 +45,7 @@ MODEL_MODULES = {
     "cassr_unet": "cassr_jax.models.cassr_unet",
     "rrdbnet": "cassr_jax.models.rrdbnet",
     "scedit": "cassr_jax.models.scedit",
+    "controlnet_sr": "cassr_jax.models.controlnet_sr",
 }
 
 

@@ -101,5 +101,5 @@ def export_torch_state(model: nnx.Module, rename: Callable[[str], str] | None = 
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     key = torch_key(path)
-    out[rename(key) if rename else key] = ours_to_torch(np.asarray(var.value), str(path[-1]))
+    out[rename(key) if rename else key] = ours_to_torch(np.asarray(var.get_value()), str(path[-1]))
   return out
