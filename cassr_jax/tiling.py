@@ -1,0 +1,113 @@
+"""Overlapping-tile runner for image-to-image functions (NHWC), jittable and seam-free.
+
+A function fn: (N, h, w, C) -> (N, h*s, w*s, C') is applied to equal-sized overlapping tiles of the input, and
+the tile outputs are blended back with weights that are zero in an outer margin of every interior tile edge
+(the pixels that saw the least context) and rise linearly across the middle of the overlap. Edges on the
+image border keep full weight, since there the untiled run sees the same border. The tile grid is computed in
+Python from the static shapes, so fn compiles once for one tile shape and the whole runner can sit inside
+jax.jit; tiles run `tile_batch` at a time through lax.map so peak memory is bounded by that batch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+  """Start offsets of tiles of length `tile` covering [0, size), neighbours overlapping by >= `overlap`.
+
+  The starts are spread evenly, so the first tile starts at 0 and the last ends exactly at `size`; with
+  align > 1 every start is a multiple of it (size and tile must then be multiples too).
+  """
+  if tile >= size:
+    return [0]
+  if not 0 <= overlap < tile:
+    raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
+  if size % align or tile % align:
+    raise ValueError(f"tiling aligned to {align} needs size {size} and tile {tile} divisible by it")
+  # Rounding the starts to `align` can shrink an overlap by up to align - 1: plan with that much more.
+  stride = max(tile - overlap - (align - 1), 1)
+  n = math.ceil((size - tile) / stride) + 1
+  return [int(round(i * (size - tile) / (n - 1) / align)) * align for i in range(n)]
+
+
+def _edge_ramp(length: int, ramp_from_start: bool, ramp_from_end: bool, overlap: int) -> np.ndarray:
+  """1-D blend weight of a tile: 0 in the outer overlap/4, linear to 1 over the next overlap/2."""
+  w = np.ones(length, np.float64)
+  if overlap <= 0:
+    return w
+  d = np.arange(length, dtype=np.float64) + 0.5  # distance of each pixel centre from the start edge
+  margin, ramp = overlap / 4.0, max(overlap / 2.0, 1.0)
+  if ramp_from_start:
+    w = np.minimum(w, np.clip((d - margin) / ramp, 0.0, 1.0))
+  if ramp_from_end:
+    w = np.minimum(w, np.clip((d[::-1] - margin) / ramp, 0.0, 1.0))
+  return w
+
+
+def _axis_weights(size: int, tile: int, starts: list[int], overlap: int, scale: int) -> list[np.ndarray]:
+  out = []
+  for s in starts:
+    out.append(_edge_ramp(tile * scale, s > 0, s + tile < size, overlap * scale))
+  return out
+
+
+def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int | tuple[int, int],
+                overlap: int = 16, tile_batch: int | None = None, align: int = 1) -> jax.Array:
+  """fn applied to x (B, H, W, C) tile by tile; returns what fn(x) would, blended across tile overlaps.
+
+  tile: tile height/width in input pixels (clipped to the image; one tile means a plain fn(x)).
+  overlap: minimum overlap of neighbouring tiles in input pixels; the outer quarter of it is discarded and the
+    middle half cross-faded. Tiles are exact only up to fn's receptive field: larger overlaps agree better.
+  tile_batch: how many tiles (each B images) go through fn at once; None runs all tiles in one call.
+  align: tile starts are multiples of this (for fn that folds pixel blocks into channels, such as a
+    pixel-unshuffle, so every tile sees the same block phase as the whole image).
+  The output scale s is found from fn's output shape on one tile and must be an integer.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"tiled_apply expects (B, H, W, C), got shape {x.shape}")
+  b, h, w, c = x.shape
+  th, tw = (tile, tile) if isinstance(tile, int) else tile
+  th, tw = min(th, h), min(tw, w)
+  if th == h and tw == w:
+    return fn(x)
+  ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
+  out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((b, th, tw, c), x.dtype))
+  scale = out_shape.shape[1] // th
+  if out_shape.shape[1] != th * scale or out_shape.shape[2] != tw * scale or out_shape.shape[0] != b:
+    raise ValueError(f"tiled_apply: fn maps a {(b, th, tw, c)} tile to {out_shape.shape}, "
+                     "not an integer upscale of it")
+  co = out_shape.shape[3]
+
+  tiles = jnp.stack([x[:, y:y + th, x0:x0 + tw] for y in ys for x0 in xs])  # (T, B, th, tw, C)
+  n = tiles.shape[0]
+  tiles = tiles.reshape((n * b, th, tw, c))
+  if tile_batch is None or tile_batch * b >= n * b:
+    outs = fn(tiles)
+  else:
+    chunk = tile_batch * b
+    pad = (-(n * b)) % chunk
+    padded = jnp.concatenate([tiles, jnp.zeros((pad,) + tiles.shape[1:], tiles.dtype)]) if pad else tiles
+    outs = jax.lax.map(fn, padded.reshape((-1, chunk) + tiles.shape[1:]))
+    outs = outs.reshape((-1,) + outs.shape[2:])[:n * b]
+  outs = outs.reshape((n, b, th * scale, tw * scale, co))
+
+  wy = _axis_weights(h, th, ys, overlap, scale)
+  wx = _axis_weights(w, tw, xs, overlap, scale)
+  total = np.zeros((h * scale, w * scale), np.float64)
+  acc = jnp.zeros((b, h * scale, w * scale, co), jnp.float32)
+  k = 0
+  for i, y in enumerate(ys):
+    for j, x0 in enumerate(xs):
+      weight = np.outer(wy[i], wx[j])
+      total[y * scale:(y + th) * scale, x0 * scale:(x0 + tw) * scale] += weight
+      acc = acc.at[:, y * scale:(y + th) * scale, x0 * scale:(x0 + tw) * scale].add(
+          outs[k].astype(jnp.float32) * jnp.asarray(weight, jnp.float32)[None, :, :, None])
+      k += 1
+  if np.min(total) <= 0.0:  # cannot happen with the ramps above; guards future edits
+    raise AssertionError("tiled_apply: a pixel got no tile weight")
+  return (acc * jnp.asarray(1.0 / total, jnp.float32)[None, :, :, None]).astype(outs.dtype)
