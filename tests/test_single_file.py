@@ -221,4 +221,4 @@ def test_not_an_sd_checkpoint_and_malicious_ckpt(tmp_path):
     single_file.convert_single_file(str(tmp_path / "evil.ckpt"), str(tmp_path / "out"))
   assert not marker.exists()
   with pytest.raises(ValueError, match="unknown components"):
-    single_file.convert_single_file(path, str(tmp_path / "out"), configs={"controlnet": {}})
+    single_file.convert_single_file(path, str(tmp_path / "out"), configs={"scheduler": {}})
