@@ -13,6 +13,20 @@ other jobs the wall times of both scatter widely, and the CPU-time ratio is the 
 --breakdown times every distinct (module, input shape) of the U-Net in both frameworks (our modules are
 found by the torch module's name, since our attribute paths mirror diffusers') and prints, per kind of
 module, the time summed over the whole forward.
+
+Measured (2-core AMD EPYC VM shared with other jobs; jax 0.10.2, torch 2.13.0 CPU; random weights):
+  2 cores, quiet (load ~1.5): ours 6.94 s vs torch 6.78 s median: 1.02x (mins 0.95x, CPU time 0.96x);
+  1 core (taskset, --threads 1): ours 13.10 s vs torch 14.08 s: 0.93x (CPU time 0.94x);
+  XLA compile 10-19 s; output within 4e-6 of torch's (relative to its max).
+  Under heavy background load the wall-time ratio scatters (0.66-1.11x seen): torch's threads suffer more.
+What bounded it (--breakdown, per-kind sums, 2 cores): before, XLA's CPU convolution was 1.3-2.3x torch's
+at SD's 16x16 and 8x8 levels (weights dominate there) and 1x1 convolutions were 1.2-1.5x; cassr_jax.nn.
+layers now runs those as one matmul on CPU (0.4-0.8x torch), which took the whole forward from 1.18x to
+0.93x single-threaded. Now: resnets 0.89x overall, but the 3x3 convolutions at 64x64 and 32x32 (XLA's
+Eigen convolution) remain 1.1-1.3x torch's oneDNN and are the main bound; self-attention 1.05x (blockwise,
+exp-bound: 134M exponentials per 4096-token layer); cross-attention 1.04x; GroupNorm ~2x torch but <2% of
+the time. XLA CPU flags tried (--xla_cpu_use_xnnpack, --xla_cpu_use_onednn): no measurable change on the
+convolutions, so none is set. Rejected: Winograd F(2,3) and 9-shifted-matmul convolutions (slower in XLA).
 """
 from __future__ import annotations
 
