@@ -90,14 +90,21 @@ def _kind(model_type: str) -> ModelKind:
 
 
 def config_from_dict(config_cls: type, values: dict[str, Any]):
-  """Builds a config dataclass, naming unknown keys in the error (lists become tuples)."""
-  if hasattr(config_cls, "from_dict"):  # configs with nested configs parse themselves
-    return config_cls.from_dict(values)
-  names = {f.name for f in dataclasses.fields(config_cls)}
-  unknown = sorted(set(values) - names)
+  """Builds a config dataclass, naming unknown keys in the error (lists become tuples).
+
+  A field whose default is itself a config dataclass (CasSRConfig.unet, ...) is parsed recursively.
+  """
+  fields = {f.name: f for f in dataclasses.fields(config_cls)}
+  unknown = sorted(set(values) - set(fields))
   if unknown:
     raise ValueError(f"{config_cls.__name__}: unknown config keys {unknown}")
-  return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+  parsed = {}
+  for key, value in values.items():
+    default = fields[key].default
+    if dataclasses.is_dataclass(default) and isinstance(value, dict):
+      value = config_from_dict(type(default), value)
+    parsed[key] = tuple(value) if isinstance(value, list) else value
+  return config_cls(**parsed)
 
 
 def _atomic_dir(directory: str) -> str:

@@ -73,9 +73,9 @@ def test_training_split_and_bad_input(converted, rng):
 def test_config_and_save_load(converted, tmp_path):
   _, _, model = converted
   config = model.config
-  assert ControlNetSRConfig.from_dict(dataclasses.asdict(config)) == config
+  assert checkpoint.config_from_dict(ControlNetSRConfig, dataclasses.asdict(config)) == config
   with pytest.raises(ValueError, match="unknown config keys"):
-    ControlNetSRConfig.from_dict({**dataclasses.asdict(config), "scale": 1})
+    checkpoint.config_from_dict(ControlNetSRConfig, {**dataclasses.asdict(config), "scale": 1})
   with pytest.raises(ValueError, match="down path must match"):
     ControlNetSRConfig(unet=config.unet, controlnet=dataclasses.replace(config.controlnet, layers_per_block=2))
   with pytest.raises(ValueError, match="ControlNet's config differs"):

@@ -273,9 +273,9 @@ def test_csc_parameter_count_at_sd15_size():
 def test_config_from_dict_validation_and_save_load(tiny_models, tmp_path, rng):
   model = tiny_models[2]["csc"]
   config = dataclasses.replace(model.config, scale=0.5)
-  assert SCEditConfig.from_dict(dataclasses.asdict(config)) == config
+  assert checkpoint.config_from_dict(SCEditConfig, dataclasses.asdict(config)) == config
   with pytest.raises(ValueError, match="unknown config keys"):
-    SCEditConfig.from_dict({**dataclasses.asdict(config), "tuner": "x"})
+    checkpoint.config_from_dict(SCEditConfig, {**dataclasses.asdict(config), "tuner": "x"})
   with pytest.raises(ValueError, match="mode"):
     SCEditConfig(mode="lora")
   with pytest.raises(ValueError, match="config differs"):

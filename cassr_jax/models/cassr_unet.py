@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -57,12 +56,6 @@ class CasSRConfig:
   def from_unet(cls, unet: UNetConfig, **overrides) -> "CasSRConfig":
     return cls(unet=unet, controlnet=ControlNetConfig.from_unet(unet), **overrides)
 
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "CasSRConfig":
-    values = dict(values)
-    values["unet"] = checkpoint.config_from_dict(UNetConfig, values["unet"])
-    values["controlnet"] = checkpoint.config_from_dict(ControlNetConfig, values["controlnet"])
-    return cls(**values)
 
 
 class MultipleAttention(nnx.Module):

@@ -9,7 +9,6 @@ ControlNet only (trainable_filter).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from flax import nnx
 
@@ -36,17 +35,6 @@ class ControlNetSRConfig:
   def from_unet(cls, unet: UNetConfig, **overrides) -> "ControlNetSRConfig":
     return cls(unet=unet, controlnet=ControlNetConfig.from_unet(unet), **overrides)
 
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "ControlNetSRConfig":
-    values = dict(values)
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"ControlNetSRConfig: unknown config keys {unknown}")
-    if "unet" in values:
-      values["unet"] = checkpoint.config_from_dict(UNetConfig, values["unet"])
-    if "controlnet" in values:
-      values["controlnet"] = checkpoint.config_from_dict(ControlNetConfig, values["controlnet"])
-    return cls(**values)
 
 
 class ControlNetSR(nnx.Module):

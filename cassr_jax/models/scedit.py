@@ -29,7 +29,6 @@ Our layout: `unet` (frozen SD U-Net), `tuners` (nnx.List in decoder order; SCTun
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 from flax import nnx
@@ -64,15 +63,6 @@ class SCEditConfig:
       raise ValueError(f"SCEdit config: down_ratio ({self.down_ratio}) and hint_dim_ratio "
                        f"({self.hint_dim_ratio}) must be positive")
 
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "SCEditConfig":
-    values = dict(values)
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"SCEditConfig: unknown config keys {unknown}")
-    if "unet" in values:
-      values["unet"] = checkpoint.config_from_dict(UNetConfig, values["unet"])
-    return cls(**values)
 
 
 def skip_layout(cfg: UNetConfig) -> tuple[tuple[int, bool], ...]:
