@@ -7,14 +7,11 @@ Writes go to a temporary sibling and are renamed into place, so a crash never le
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,71 +19,12 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.nn.layers import FP32, Policy
+from cassr_jax.registry import MODELS
 
 MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelKind:
-  config_cls: type
-  build: Callable[..., nnx.Module]  # build(config, *, policy, rngs, **runtime_options)
-
-
-_REGISTRY: dict[str, ModelKind] = {}
-
-# model_type -> module that defines and registers it (imported on first use).
-MODEL_MODULES = {
-    "unet": "cassr_jax.models.unet",
-    "vae": "cassr_jax.models.vae",
-    "clip_text": "cassr_jax.models.clip_text",
-    "controlnet": "cassr_jax.models.controlnet",
-    "cassr_unet": "cassr_jax.models.cassr_unet",
-    "rrdbnet": "cassr_jax.models.rrdbnet",
-    "scedit": "cassr_jax.models.scedit",
-    "controlnet_sr": "cassr_jax.models.controlnet_sr",
-}
-
-
-@contextlib.contextmanager
-def _quiet_tracer_origins():
-  """Makes tracing a model build linear-time instead of quadratic.
-
-  Every nnx RNG draw probes `getattr(tracer, "sharding", None)`; jax builds that AttributeError's message by
-  walking the whole jaxpr traced so far, and the message is thrown away. For a small U-Net that is ~20 s of
-  nnx.eval_shape; skipping the message makes it ~4 s. Only the origin text of tracer errors is lost.
-  """
-  try:
-    from jax._src.interpreters import partial_eval  # pylint: disable=import-outside-toplevel
-    cls = partial_eval.DynamicJaxprTracer
-    original = cls.__dict__["_origin_msg"]
-  except (ImportError, AttributeError, KeyError):  # jax internals moved: fall back to the slow path
-    yield
-    return
-  cls._origin_msg = lambda self: ""
-  try:
-    yield
-  finally:
-    cls._origin_msg = original
-
-
-def eval_shape(fn: Callable[[], nnx.Module]) -> nnx.Module:
-  """nnx.eval_shape(fn) without the quadratic tracing cost (see _quiet_tracer_origins)."""
-  with _quiet_tracer_origins():
-    return nnx.eval_shape(fn)
-
-
-def register_model(model_type: str, config_cls: type, build: Callable[..., nnx.Module]) -> None:
-  _REGISTRY[model_type] = ModelKind(config_cls, build)
-
-
-def _kind(model_type: str) -> ModelKind:
-  if model_type not in _REGISTRY and model_type in MODEL_MODULES:
-    importlib.import_module(MODEL_MODULES[model_type])
-  if model_type not in _REGISTRY:
-    raise ValueError(f"unknown model_type {model_type!r}; known: {sorted(_REGISTRY)}")
-  return _REGISTRY[model_type]
 
 
 def config_from_dict(config_cls: type, values: dict[str, Any]):
@@ -115,7 +53,7 @@ def _atomic_dir(directory: str) -> str:
 
 def save_model(directory: str, model: nnx.Module, model_type: str, config) -> None:
   """Writes model.json and the orbax params of `model` to `directory` (replacing it atomically)."""
-  _kind(model_type)
+  MODELS.get(model_type)
   tmp = _atomic_dir(directory)
   try:
     params = nnx.state(model, nnx.Param)
@@ -150,7 +88,7 @@ def load_model(directory: str, *, policy: Policy | None = None, **runtime_option
   runtime_options: passed to the model constructor (for example attention="blockwise").
   """
   meta = read_model_meta(directory)
-  kind = _kind(meta["model_type"])
+  kind = MODELS.get(meta["model_type"])
   config = config_from_dict(kind.config_cls, meta["config"])
   if policy is None:
     saved = jnp.dtype(meta.get("param_dtype", "float32"))
@@ -166,4 +104,4 @@ def load_model(directory: str, *, policy: Policy | None = None, **runtime_option
 
 
 def build_model(model_type: str, config, *, policy: Policy = FP32, seed: int = 0, **runtime_options):
-  return _kind(model_type).build(config, policy=policy, rngs=nnx.Rngs(seed), **runtime_options)
+  return MODELS.get(model_type).build(config, policy=policy, rngs=nnx.Rngs(seed), **runtime_options)

@@ -10,14 +10,12 @@ Every activation is an object with
   pure() -> (fn, state) fn(state, lr) == self(lr) with the weights as an explicit argument, so a jitted step
                         passes them as an input instead of baking them into the program as constants.
 
-Activations are registered by name: register_activation(name, factory) with factory(**options) -> activation.
-Modules listed in ACTIVATION_MODULES are imported on first use, so a new activation (SCEdit, ControlNet) only
-has to create its module and call register_activation at import. build_activation accepts a name plus
+Activations are found by name in cassr_jax.registry.ACTIVATIONS (built-ins are imported on first use);
+register_activation(name, factory) adds one, with factory(**options) -> activation. build_activation accepts a name plus
 options, or a config mapping {"name": ..., option: value, ...} (e.g. an ml_collections ConfigDict).
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cassr_jax.image_ops import to_float01
+from cassr_jax.registry import ACTIVATIONS
 
 
 @runtime_checkable
@@ -54,38 +53,13 @@ def check_lr(lr, name: str) -> jax.Array:
   return jnp.asarray(lr, jnp.float32)
 
 
-_FACTORIES: dict[str, Callable[..., Activation]] = {}
-
-# name -> module that registers it on import. SCEdit / ControlNet activations add their module here.
-ACTIVATION_MODULES = {
-    "bicubic": "cassr_jax.activation.bicubic",
-    "rrdbnet": "cassr_jax.activation.rrdbnet",
-    "scedit": "cassr_jax.activation.scedit",
-    "controlnet": "cassr_jax.activation.controlnet",
-}
-
-
 def register_activation(name: str, factory: Callable[..., Activation]) -> None:
-  _FACTORIES[name] = factory
+  """Adds a user activation: factory(**options) -> Activation."""
+  ACTIVATIONS.register(name, factory)
 
 
 def available_activations() -> list[str]:
-  """Registered names plus the known modules that would register more."""
-  return sorted(set(_FACTORIES) | set(ACTIVATION_MODULES))
-
-
-def _factory(name: str) -> Callable[..., Activation]:
-  if name not in _FACTORIES and name in ACTIVATION_MODULES:
-    try:
-      importlib.import_module(ACTIVATION_MODULES[name])
-    except ModuleNotFoundError as e:
-      if e.name != ACTIVATION_MODULES[name]:
-        raise
-      raise ValueError(f"activation {name!r} is listed but its module {ACTIVATION_MODULES[name]} "
-                       "does not exist yet") from e
-  if name not in _FACTORIES:
-    raise ValueError(f"unknown activation {name!r}; known: {available_activations()}")
-  return _FACTORIES[name]
+  return ACTIVATIONS.names()
 
 
 def build_activation(name_or_config: str | Mapping[str, Any], **options) -> Activation:
@@ -98,7 +72,7 @@ def build_activation(name_or_config: str | Mapping[str, Any], **options) -> Acti
       raise ValueError(f"activation config needs a 'name' key, got keys {sorted(config)}")
     name = config.pop("name")
     options = {**config, **options}
-  factory = _factory(name)
+  factory = ACTIVATIONS.get(name)
   try:
     accepted = inspect.signature(factory).parameters
   except (TypeError, ValueError):

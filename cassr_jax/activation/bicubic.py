@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cassr_jax.activation import check_lr, register_activation
+from cassr_jax.activation import check_lr
 from cassr_jax.image_ops import upscale_bicubic
 
 
@@ -25,5 +25,3 @@ class BicubicActivation:
   def pure(self):
     return (lambda state, lr: self(lr)), None
 
-
-register_activation("bicubic", BicubicActivation)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cassr_jax.activation import check_lr, register_activation
+from cassr_jax.activation import check_lr
 from cassr_jax.convert.rrdbnet import load_rrdbnet
 from cassr_jax.models.rrdbnet import RRDBNet
 from cassr_jax.nn.layers import Policy
@@ -81,5 +81,3 @@ class RRDBNetActivation:
   def model(self) -> RRDBNet:
     return nnx.merge(self._graphdef, self._state)
 
-
-register_activation("rrdbnet", RRDBNetActivation)

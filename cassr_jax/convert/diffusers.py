@@ -28,6 +28,8 @@ import numpy as np
 from flax import nnx
 
 from cassr_jax import checkpoint
+from cassr_jax.jax_compat import eval_shape
+from cassr_jax.registry import MODELS
 from cassr_jax.convert.state_dict import CheckpointError, read_state_dict
 from cassr_jax.convert.strict import load_torch_state
 from cassr_jax.nn.layers import Policy
@@ -88,7 +90,7 @@ DEFAULT_COMPONENTS = ("unet", "vae", "text_encoder")
 
 def parse_config(spec: ComponentSpec, values: Mapping, source: str):
   """Our config dataclass from a source config dict (diffusers/transformers config.json contents)."""
-  config_cls = checkpoint._kind(spec.model_type).config_cls  # pylint: disable=protected-access
+  config_cls = MODELS.get(spec.model_type).config_cls
   parser = getattr(config_cls, spec.config_parser, None)
   if parser is None:
     raise CheckpointError(f"{source}: {config_cls.__name__} has no {spec.config_parser}() to read it")
@@ -166,7 +168,7 @@ def _check_dtype(dtype: str | None) -> None:
 
 def _abstract(model_type: str, config, policy: Policy) -> nnx.Module:
   """The model with shape-only parameters (no random init: the checkpoint supplies every value)."""
-  return checkpoint.eval_shape(lambda: checkpoint.build_model(model_type, config, policy=policy))
+  return eval_shape(lambda: checkpoint.build_model(model_type, config, policy=policy))
 
 
 def load_component(model_type: str, config, state_dict: Mapping[str, np.ndarray], *, dtype: str | None,

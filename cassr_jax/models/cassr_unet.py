@@ -21,7 +21,7 @@ import functools
 import jax.numpy as jnp
 from flax import nnx
 
-from cassr_jax import checkpoint
+from cassr_jax.models import ModelKind
 from cassr_jax.models.blocks import Attention
 from cassr_jax.models.controlnet import ControlNetConfig, ControlNetModel, copy_unet_encoder
 from cassr_jax.models.unet import CROSS_UP, UNet2DConditionModel, UNetConfig
@@ -214,4 +214,4 @@ def build(config: CasSRConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attenti
   return CasSRUNet(config, policy=policy, attention=attention, rngs=rngs)
 
 
-checkpoint.register_model("cassr_unet", CasSRConfig, build)
+MODEL_KIND = ModelKind(CasSRConfig, build)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cassr_jax import checkpoint
+from cassr_jax.models import ModelKind
 from cassr_jax.convert.state_dict import CheckpointError
 from cassr_jax.convert.strict import load_torch_state
 from cassr_jax.nn import layers
@@ -221,4 +221,4 @@ def build(config: CLIPTextConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, atte
   return CLIPTextModel(config, policy=policy, attention=attention, rngs=rngs)
 
 
-checkpoint.register_model("clip_text", CLIPTextConfig, build)
+MODEL_KIND = ModelKind(CLIPTextConfig, build)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cassr_jax import checkpoint
+from cassr_jax.models import ModelKind
 from cassr_jax.models.blocks import TimestepEmbedding
 from cassr_jax.models.unet import DownBlock, MidBlock, UNet2DConditionModel, UNetConfig, down_path, embed_timesteps
 from cassr_jax.nn import layers
@@ -142,4 +142,4 @@ def build(config: ControlNetConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, at
   return ControlNetModel(config, policy=policy, attention=attention, zero_hint_out=zero_hint_out, rngs=rngs)
 
 
-checkpoint.register_model("controlnet", ControlNetConfig, build)
+MODEL_KIND = ModelKind(ControlNetConfig, build)

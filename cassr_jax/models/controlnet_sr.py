@@ -12,7 +12,7 @@ import dataclasses
 
 from flax import nnx
 
-from cassr_jax import checkpoint
+from cassr_jax.models import ModelKind
 from cassr_jax.models.controlnet import ControlNetConfig, ControlNetModel, controlnet_from_unet
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from cassr_jax.nn.layers import FP32, Policy
@@ -90,4 +90,4 @@ def build(config: ControlNetSRConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, 
   return ControlNetSR(config, policy=policy, attention=attention, rngs=rngs)
 
 
-checkpoint.register_model("controlnet_sr", ControlNetSRConfig, build)
+MODEL_KIND = ModelKind(ControlNetSRConfig, build)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cassr_jax import checkpoint
+from cassr_jax.models import ModelKind
 from cassr_jax.nn.layers import FP32, Policy, conv
 
 _SLOPE = 0.2       # LeakyReLU negative slope everywhere in the network
@@ -154,4 +154,4 @@ def build(config: RRDBNetConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, **run
   return RRDBNet(config, policy=policy, rngs=rngs, **runtime_options)
 
 
-checkpoint.register_model("rrdbnet", RRDBNetConfig, build)
+MODEL_KIND = ModelKind(RRDBNetConfig, build)

@@ -33,7 +33,7 @@ import dataclasses
 import jax
 from flax import nnx
 
-from cassr_jax import checkpoint
+from cassr_jax.models import ModelKind
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from cassr_jax.nn import layers
 from cassr_jax.nn.layers import FP32, Policy
@@ -204,4 +204,4 @@ def build(config: SCEditConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attent
   return SCEditUNet(config, policy=policy, attention=attention, rngs=rngs)
 
 
-checkpoint.register_model("scedit", SCEditConfig, build)
+MODEL_KIND = ModelKind(SCEditConfig, build)

@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from cassr_jax import checkpoint
+from cassr_jax.models import ModelKind
 from cassr_jax.models.blocks import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel,
                                      Upsample2D, timestep_embedding)
 from cassr_jax.nn import layers
@@ -290,4 +290,4 @@ def build(config: UNetConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attentio
   return UNet2DConditionModel(config, policy=policy, attention=attention, rngs=rngs)
 
 
-checkpoint.register_model("unet", UNetConfig, build)
+MODEL_KIND = ModelKind(UNetConfig, build)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from cassr_jax import checkpoint
+from cassr_jax.models import ModelKind
 from cassr_jax.convert.state_dict import CheckpointError
 from cassr_jax.convert.strict import load_torch_state
 from cassr_jax.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
@@ -330,4 +330,4 @@ def build(config: VAEConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention
   return AutoencoderKL(config, policy=policy, attention=attention, rngs=rngs)
 
 
-checkpoint.register_model("vae", VAEConfig, build)
+MODEL_KIND = ModelKind(VAEConfig, build)
