@@ -20,29 +20,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from cassr_jax.jax_compat import eval_shape
+from cassr_jax.models import config_from_dict
 from cassr_jax.nn.layers import FP32, Policy
 from cassr_jax.registry import MODELS
 
 MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
-
-
-def config_from_dict(config_cls: type, values: dict[str, Any]):
-  """Builds a config dataclass, naming unknown keys in the error (lists become tuples).
-
-  A field whose default is itself a config dataclass (CasSRConfig.unet, ...) is parsed recursively.
-  """
-  fields = {f.name: f for f in dataclasses.fields(config_cls)}
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise ValueError(f"{config_cls.__name__}: unknown config keys {unknown}")
-  parsed = {}
-  for key, value in values.items():
-    default = fields[key].default
-    if dataclasses.is_dataclass(default) and isinstance(value, dict):
-      value = config_from_dict(type(default), value)
-    parsed[key] = tuple(value) if isinstance(value, list) else value
-  return config_cls(**parsed)
 
 
 def _atomic_dir(directory: str) -> str:

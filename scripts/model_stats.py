@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet, frozen_filter, trainable_filter
+from cassr_jax.models import frozen_filter, trainable_filter
+from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet
 from cassr_jax.models.unet import UNetConfig
 
 

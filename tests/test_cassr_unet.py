@@ -11,10 +11,10 @@ from flax import nnx
 
 from cassr_fixtures import (SD_LIKE_UNET, TINY_UNET, nchw_to_nhwc, nhwc_to_nchw, random_torch_pair,
                             state_dict_numpy)
+from cassr_jax.models import frozen_filter, trainable_filter
 from cassr_jax import checkpoint
 from cassr_jax.convert.strict import load_torch_state
-from cassr_jax.models.cassr_unet import (CasSRConfig, CasSRUNet, cassr_from_pretrained, frozen_filter,
-                                         trainable_filter)
+from cassr_jax.models.cassr_unet import (CasSRConfig, CasSRUNet, cassr_from_pretrained)
 from cassr_jax.models.controlnet import ControlNetConfig
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from cassr_jax.nn.layers import Policy

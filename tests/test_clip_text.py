@@ -13,6 +13,7 @@ from flax import nnx
 from transformers import CLIPTextConfig as TorchCLIPTextConfig
 from transformers import CLIPTextModel as TorchCLIPTextModel
 
+from cassr_jax.convert.keys import load_clip_state_dict
 from cassr_jax import checkpoint, text
 from cassr_jax.convert.state_dict import CheckpointError
 from cassr_jax.models import clip_text
@@ -47,7 +48,7 @@ def _abstract(config, **kwargs):
 
 def _ours(torch_model, **kwargs):
   model = _abstract(clip_text.CLIPTextConfig.from_transformers(torch_model.config.to_dict()), **kwargs)
-  clip_text.load_state_dict(model, _numpy_state(torch_model))
+  load_clip_state_dict(model, _numpy_state(torch_model))
   return model
 
 
@@ -106,19 +107,19 @@ def test_checkpoint_key_forms(rng):
   prefixed["text_model.embeddings.position_ids"] = np.arange(TOKENS)[None]
   assert "text_model.embeddings.token_embedding.weight" in prefixed
   a, b = _abstract(config), _abstract(config)
-  clip_text.load_state_dict(a, prefixed)
-  clip_text.load_state_dict(b, _numpy_state(torch_model))
+  load_clip_state_dict(a, prefixed)
+  load_clip_state_dict(b, _numpy_state(torch_model))
   for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))):
     np.testing.assert_array_equal(x, y)
   broken = dict(prefixed)
   del broken["text_model.final_layer_norm.bias"]
   broken["text_model.text_projection.weight"] = np.zeros((64, 64), np.float32)
   with pytest.raises(CheckpointError, match="final_layer_norm.bias(.|\n)*text_projection"):
-    clip_text.load_state_dict(_abstract(config), broken, source="te.safetensors")
+    load_clip_state_dict(_abstract(config), broken, source="te.safetensors")
   mixed = dict(prefixed)
   mixed["final_layer_norm.bias"] = mixed.pop("text_model.final_layer_norm.bias")
   with pytest.raises(CheckpointError, match="mixes keys"):
-    clip_text.load_state_dict(_abstract(config), mixed)
+    load_clip_state_dict(_abstract(config), mixed)
 
 
 SD15_TEXT_CONFIG = {

@@ -9,11 +9,13 @@ import torch
 from flax import nnx
 
 from cassr_fixtures import TINY_UNET, nchw_to_nhwc, nhwc_to_nchw, random_torch_pair, state_dict_numpy
+from cassr_jax.jax_compat import eval_shape
+from cassr_jax.models import config_from_dict
+from cassr_jax.models import frozen_filter, trainable_filter
 from cassr_jax import checkpoint
 from cassr_jax.convert.strict import load_torch_state
 from cassr_jax.models.controlnet import ControlNetConfig, ControlNetModel
-from cassr_jax.models.controlnet_sr import (ControlNetSR, ControlNetSRConfig, controlnet_sr_from_pretrained,
-                                            frozen_filter, trainable_filter)
+from cassr_jax.models.controlnet_sr import (ControlNetSR, ControlNetSRConfig, controlnet_sr_from_pretrained)
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from conftest import jit_call, relative_max_error
 
@@ -22,9 +24,9 @@ from conftest import jit_call, relative_max_error
 def converted():
   """diffusers U-Net + ControlNet with random weights (zero convs included) and ours holding the same."""
   tu, tc = random_torch_pair(TINY_UNET, seed=2)
-  unet = checkpoint.eval_shape(lambda: UNet2DConditionModel(
+  unet = eval_shape(lambda: UNet2DConditionModel(
       UNetConfig.from_diffusers(dict(tu.config)), attention="xla", rngs=nnx.Rngs(0)))
-  controlnet = checkpoint.eval_shape(lambda: ControlNetModel(
+  controlnet = eval_shape(lambda: ControlNetModel(
       ControlNetConfig.from_diffusers(dict(tc.config)), attention="xla", rngs=nnx.Rngs(0)))
   load_torch_state(unet, state_dict_numpy(tu), source="unet")
   load_torch_state(controlnet, state_dict_numpy(tc), source="controlnet")
@@ -73,9 +75,9 @@ def test_training_split_and_bad_input(converted, rng):
 def test_config_and_save_load(converted, tmp_path):
   _, _, model = converted
   config = model.config
-  assert checkpoint.config_from_dict(ControlNetSRConfig, dataclasses.asdict(config)) == config
+  assert config_from_dict(ControlNetSRConfig, dataclasses.asdict(config)) == config
   with pytest.raises(ValueError, match="unknown config keys"):
-    checkpoint.config_from_dict(ControlNetSRConfig, {**dataclasses.asdict(config), "scale": 1})
+    config_from_dict(ControlNetSRConfig, {**dataclasses.asdict(config), "scale": 1})
   with pytest.raises(ValueError, match="down path must match"):
     ControlNetSRConfig(unet=config.unet, controlnet=dataclasses.replace(config.controlnet, layers_per_block=2))
   with pytest.raises(ValueError, match="ControlNet's config differs"):

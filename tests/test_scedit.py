@@ -13,12 +13,14 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
 from cassr_fixtures import TINY_UNET, nhwc_to_nchw, state_dict_numpy
+from cassr_jax.jax_compat import eval_shape
+from cassr_jax.models import config_from_dict
+from cassr_jax.models import frozen_filter, trainable_filter
 from cassr_jax import checkpoint
 from cassr_jax.convert.scedit import export_scedit_tuners, load_scedit_tuners
 from cassr_jax.convert.state_dict import CheckpointError
 from cassr_jax.convert.strict import load_torch_state
-from cassr_jax.models.scedit import (SCEditConfig, SCEditUNet, frozen_filter, scedit_from_pretrained, skip_layout,
-                                     trainable_filter)
+from cassr_jax.models.scedit import (SCEditConfig, SCEditUNet, scedit_from_pretrained, skip_layout)
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from conftest import jit_call, relative_max_error
 
@@ -114,7 +116,7 @@ def _torch_unet_and_ours(unet_kwargs, seed):
     for p in tu.parameters():
       p.normal_(0, 0.1)
   config = UNetConfig.from_diffusers(dict(tu.config))
-  unet = checkpoint.eval_shape(lambda: UNet2DConditionModel(config, attention="xla", rngs=nnx.Rngs(0)))
+  unet = eval_shape(lambda: UNet2DConditionModel(config, attention="xla", rngs=nnx.Rngs(0)))
   load_torch_state(unet, state_dict_numpy(tu), source="unet")
   return tu, unet
 
@@ -174,7 +176,7 @@ def test_converted_scedit_checkpoint_matches_torch_reference(tiny_models, layout
     torch.save(state, str(path))
 
   # Built abstractly (random init compiles per shape; every tuner weight is loaded anyway).
-  model = checkpoint.eval_shape(
+  model = eval_shape(
       lambda: SCEditUNet(SCEditConfig(unet=unet.config, mode=mode), attention="xla", rngs=nnx.Rngs(0)))
   nnx.update(model.unet, nnx.state(unet, nnx.Param))
   load_scedit_tuners(model, path)
@@ -255,7 +257,7 @@ def test_converter_is_strict_and_names_keys(tmp_path):
 
 
 def test_csc_parameter_count_at_sd15_size():
-  model = checkpoint.eval_shape(lambda: SCEditUNet(SCEditConfig(), rngs=nnx.Rngs(0)))
+  model = eval_shape(lambda: SCEditUNet(SCEditConfig(), rngs=nnx.Rngs(0)))
   count = lambda part: sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(part, nnx.Param)))
   conv = lambda i, o, k=3: i * o * k * k + o
   # Independent count from SCEdit's SD-1.5 layout.
@@ -273,9 +275,9 @@ def test_csc_parameter_count_at_sd15_size():
 def test_config_from_dict_validation_and_save_load(tiny_models, tmp_path, rng):
   model = tiny_models[2]["csc"]
   config = dataclasses.replace(model.config, scale=0.5)
-  assert checkpoint.config_from_dict(SCEditConfig, dataclasses.asdict(config)) == config
+  assert config_from_dict(SCEditConfig, dataclasses.asdict(config)) == config
   with pytest.raises(ValueError, match="unknown config keys"):
-    checkpoint.config_from_dict(SCEditConfig, {**dataclasses.asdict(config), "tuner": "x"})
+    config_from_dict(SCEditConfig, {**dataclasses.asdict(config), "tuner": "x"})
   with pytest.raises(ValueError, match="mode"):
     SCEditConfig(mode="lora")
   with pytest.raises(ValueError, match="config differs"):

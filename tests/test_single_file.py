@@ -17,8 +17,9 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.loaders import single_file_utils as sfu
 from flax import nnx
 
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax import checkpoint
-from cassr_jax.convert import single_file
+from cassr_jax.convert import components, single_file
 from cassr_jax.convert.state_dict import CheckpointError
 from cassr_jax.convert.strict import torch_key, torch_to_ours
 from test_convert import CLIP_CONFIG, _randomize, assert_params_equal_torch, numpy_state, tiny_torch_models
@@ -124,9 +125,9 @@ def test_embedded_sd15_configs_match_the_real_structure():
   assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in parts["vae"].items()}
 
   for name, prefix in single_file.PREFIXES.items():
-    spec = single_file.dconv.COMPONENTS[name]
-    config = single_file.dconv.parse_config(spec, configs[name], name)
-    model = checkpoint.eval_shape(lambda: checkpoint.build_model(spec.model_type, config))  # noqa: B023
+    spec = components.COMPONENTS[name]
+    config = components.parse_config(spec, configs[name], name)
+    model = eval_shape(lambda: checkpoint.build_model(spec.model_type, config))  # noqa: B023
     part = single_file.prepare_part(name, {k: v for k, v in ldm.items() if k.startswith(prefix)})
     rename = single_file._renamer(name, config, part)  # pylint: disable=protected-access
     used = set()

@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
 
+from cassr_jax.convert.keys import load_vae_state_dict
 from cassr_jax import checkpoint
 from cassr_jax.convert.state_dict import CheckpointError
 from cassr_jax.convert.strict import export_torch_state
@@ -47,7 +48,7 @@ def _abstract(config, **kwargs):
 
 def _ours(torch_model, **kwargs):
   model = _abstract(vae.VAEConfig.from_diffusers(dict(torch_model.config)), **kwargs)
-  vae.load_state_dict(model, _numpy_state(torch_model))
+  load_vae_state_dict(model, _numpy_state(torch_model))
   return model
 
 
@@ -181,7 +182,7 @@ def test_old_attention_names_and_conv_weights(small_torch, small_ours):
     state[key] = value
   assert "decoder.mid_block.attentions.0.proj_attn.weight" in state
   model = _abstract(small_ours.config)
-  vae.load_state_dict(model, state)
+  load_vae_state_dict(model, state)
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(small_ours, nnx.Param))):
     np.testing.assert_array_equal(a, b)
 
@@ -192,7 +193,7 @@ def test_bad_checkpoint_names_every_problem(small_torch, small_ours):
   state["encoder.extra.weight"] = np.zeros(3, np.float32)
   state["quant_conv.weight"] = np.zeros((8, 8, 3, 3), np.float32)
   with pytest.raises(CheckpointError) as info:
-    vae.load_state_dict(_abstract(small_ours.config), state, source="bad.safetensors")
+    load_vae_state_dict(_abstract(small_ours.config), state, source="bad.safetensors")
   message = str(info.value)
   for fragment in ("bad.safetensors", "decoder.conv_out.bias", "encoder.extra.weight", "quant_conv.weight"):
     assert fragment in message
@@ -236,7 +237,7 @@ def test_dtype_policies(rng):
   reference = np.asarray(forward(reference_model, latents))
   for policy in (Policy(jnp.float32, jnp.bfloat16), Policy(jnp.bfloat16, jnp.bfloat16)):
     model = _abstract(TINY, policy=policy)
-    vae.load_state_dict(model, weights)
+    load_vae_state_dict(model, weights)
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(policy.param_dtype)}
     out = forward(model, latents)
     assert out.dtype == jnp.bfloat16

@@ -7,32 +7,26 @@ Sources understood:
   * a hub id (downloaded with huggingface_hub.snapshot_download, only the files needed),
   * a single-file LDM checkpoint (.safetensors / .ckpt), handed to cassr_jax.convert.single_file.
 Each converted component is written as its own model directory (cassr_jax.checkpoint.save_model) under
-out_dir/<component>; tokenizer files are copied to out_dir/tokenizer.
+out_dir/<component>; tokenizer files and the scheduler config are copied next to them.
 
 safetensors sources are read as numpy and never import torch; pickles are read with torch's weights_only mode.
-Adding a model kind is one COMPONENTS entry: its subfolder, weight file stems, config parser and model type.
+The component table (which model each subfolder becomes) is cassr_jax.convert.components.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cassr_jax import checkpoint
-from cassr_jax.jax_compat import eval_shape
-from cassr_jax.registry import MODELS
+from cassr_jax.convert import single_file
+from cassr_jax.convert.components import (COMPONENTS, DEFAULT_COMPONENTS, ComponentSpec, check_dtype,
+                                          load_component, parse_components, parse_config, save_component)
 from cassr_jax.convert.state_dict import CheckpointError, read_state_dict
-from cassr_jax.convert.strict import load_torch_state
-from cassr_jax.nn.layers import Policy
 
 CONFIG_FILE = "config.json"
 PIPELINE_INDEX = "model_index.json"
@@ -43,61 +37,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclasses.dataclass(frozen=True)
-class ComponentSpec:
-  """How one pipeline component maps onto one of our registered model types."""
-  name: str                      # subfolder in a diffusers pipeline and in our output
-  model_type: str                # cassr_jax.checkpoint registry key
-  config_parser: str             # classmethod of the config class that reads the source config.json dict
-  weight_stems: tuple[str, ...]  # file stems of the weights, in order of preference
-  class_names: tuple[str, ...]   # "_class_name" (diffusers) / "architectures" (transformers) that identify it
-  # (our torch-convention key) -> candidate source keys, tried in order (older layouts, optional prefixes).
-  aliases: Callable[[str], Sequence[str]] = lambda key: (key,)
-  ignore_unexpected: tuple[str, ...] = ()  # regexes of source keys that are buffers, not weights
-  # Rewrites a source state dict into the current layout before the strict load (old names, 1x1 convs).
-  preprocess: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
-
-
-def _vae_preprocess(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # Old diffusers names (query/key/value/proj_attn, as SD-1.5 on the hub) and 1x1-conv attention weights:
-  # the VAE module owns that knowledge.
-  from cassr_jax.models import vae  # pylint: disable=import-outside-toplevel
-  return vae.normalize_state_dict(state_dict)
-
-
-def _clip_aliases(key: str) -> Sequence[str]:
-  # transformers < 5.6 nests CLIPTextModel weights under "text_model."; newer versions do not.
-  if key.startswith("text_model."):
-    return (key, key[len("text_model."):])
-  return (key, "text_model." + key)
-
-
-COMPONENTS: dict[str, ComponentSpec] = {
-    "unet": ComponentSpec("unet", "unet", "from_diffusers", (DIFFUSERS_STEM,), ("UNet2DConditionModel",)),
-    "vae": ComponentSpec("vae", "vae", "from_diffusers", (DIFFUSERS_STEM,), ("AutoencoderKL",),
-                         preprocess=_vae_preprocess),
-    "text_encoder": ComponentSpec(
-        "text_encoder", "clip_text", "from_transformers", TRANSFORMERS_STEMS, ("CLIPTextModel",),
-        aliases=_clip_aliases, ignore_unexpected=(r"(text_model\.)?embeddings\.position_ids",)),
-    "controlnet": ComponentSpec("controlnet", "controlnet", "from_diffusers", (DIFFUSERS_STEM,),
-                                ("ControlNetModel",)),
-}
-DEFAULT_COMPONENTS = ("unet", "vae", "text_encoder")
-
-
 # ----------------------------------------------------------------------------------------------- configs
-
-
-def parse_config(spec: ComponentSpec, values: Mapping, source: str):
-  """Our config dataclass from a source config dict (diffusers/transformers config.json contents)."""
-  config_cls = MODELS.get(spec.model_type).config_cls
-  parser = getattr(config_cls, spec.config_parser, None)
-  if parser is None:
-    raise CheckpointError(f"{source}: {config_cls.__name__} has no {spec.config_parser}() to read it")
-  try:
-    return parser(dict(values))
-  except (ValueError, TypeError, KeyError) as e:
-    raise CheckpointError(f"{source}: {e}") from e
 
 
 def _read_json(path: str) -> dict:
@@ -150,70 +90,6 @@ def read_component_weights(directory: str, stems: Iterable[str],
   raise CheckpointError(f"{directory}: no weights found (looked for {tried}; the folder has {present})")
 
 
-def source_dtype(state_dict: Mapping[str, np.ndarray]) -> str:
-  """The dtype most floating-point tensors of `state_dict` have; float32 when that is none of DTYPES."""
-  counts = collections.Counter(
-      np.dtype(v.dtype).name for v in state_dict.values() if jnp.issubdtype(v.dtype, jnp.floating))
-  common = counts.most_common(1)[0][0] if counts else "float32"
-  return common if common in DTYPES else "float32"
-
-
-def _check_dtype(dtype: str | None) -> None:
-  if dtype is not None and dtype not in DTYPES:
-    raise ValueError(f"dtype must be one of {DTYPES} (or None to keep the source's), got {dtype!r}")
-
-
-# ----------------------------------------------------------------------------------------------- loading
-
-
-def _abstract(model_type: str, config, policy: Policy) -> nnx.Module:
-  """The model with shape-only parameters (no random init: the checkpoint supplies every value)."""
-  return eval_shape(lambda: checkpoint.build_model(model_type, config, policy=policy))
-
-
-def load_component(model_type: str, config, state_dict: Mapping[str, np.ndarray], *, dtype: str | None,
-                   source: str, rename: Callable[[str], str] | None = None,
-                   aliases: Callable[[str], Sequence[str]] | None = None,
-                   ignore_unexpected: Iterable[str] = (),
-                   preprocess: Callable[[dict], dict] | None = None) -> nnx.Module:
-  """Builds `model_type` with `config` and fills it strictly from `state_dict`.
-
-  dtype: parameter (and compute) dtype; None keeps the source's dtype.
-  rename: our torch-convention key -> source key. aliases: candidate source keys for a key, the first present
-  in `state_dict` wins (applied after rename). preprocess: rewrites the state dict first.
-  """
-  _check_dtype(dtype)
-  if preprocess is not None:
-    try:
-      state_dict = preprocess(dict(state_dict))
-    except ValueError as e:
-      raise CheckpointError(f"{source}: {e}") from e
-  dtype = dtype or source_dtype(state_dict)
-  policy = Policy(jnp.dtype(dtype), jnp.dtype(dtype))
-  model = _abstract(model_type, config, policy)
-
-  def resolve(key: str) -> str:
-    if rename is not None:
-      key = rename(key)
-    if aliases is not None:
-      candidates = aliases(key)
-      return next((c for c in candidates if c in state_dict), candidates[0])
-    return key
-
-  load_torch_state(model, state_dict, source=source, rename=resolve, ignore_unexpected=ignore_unexpected)
-  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model))):
-    # State other than parameters (none in our models today) needs real initial values.
-    concrete = checkpoint.build_model(model_type, config, policy=policy)
-    nnx.update(concrete, nnx.state(model, nnx.Param))
-    model = concrete
-  return model
-
-
-def save_component(out_dir: str, model: nnx.Module, model_type: str, config) -> str:
-  checkpoint.save_model(out_dir, model, model_type, config)
-  return out_dir
-
-
 # ----------------------------------------------------------------------------------------------- directories
 
 
@@ -247,17 +123,6 @@ def convert_component_dir(src_dir: str, out_dir: str, *, component: str | None =
   return model
 
 
-def _parse_components(components: str | Sequence[str] | None) -> tuple[str, ...] | None:
-  if components is None:
-    return None
-  if isinstance(components, str):
-    components = [c.strip() for c in components.split(",") if c.strip()]
-  unknown = [c for c in components if c not in COMPONENTS]
-  if unknown:
-    raise ValueError(f"unknown components {unknown}; known: {sorted(COMPONENTS)}")
-  return tuple(components)
-
-
 def convert_diffusers_dir(src_dir: str, out_dir: str, *, components: str | Sequence[str] | None = None,
                           dtype: str | None = None, variant: str | None = None) -> dict[str, str]:
   """Converts a pipeline directory or one component directory; returns {component: our model dir}.
@@ -265,8 +130,8 @@ def convert_diffusers_dir(src_dir: str, out_dir: str, *, components: str | Seque
   components: which to convert (default: every supported one the source has). Tokenizer files are copied
   to out_dir/tokenizer when the text encoder is converted from a pipeline that has them.
   """
-  _check_dtype(dtype)
-  wanted = _parse_components(components)
+  check_dtype(dtype)
+  wanted = parse_components(components)
   if not os.path.isdir(src_dir):
     raise CheckpointError(f"{src_dir}: no such directory")
   results = {}
@@ -369,10 +234,9 @@ def convert(source: str, out_dir: str, *, components: str | Sequence[str] | None
   Returns {component: model directory}; each loads with cassr_jax.checkpoint.load_model.
   configs: single-file only, per-component source-format config dicts replacing the embedded SD-1.5 ones.
   """
-  _check_dtype(dtype)
+  check_dtype(dtype)
   source = os.fspath(source)
   if os.path.isfile(source):
-    from cassr_jax.convert import single_file  # pylint: disable=import-outside-toplevel
     return single_file.convert_single_file(source, out_dir, components=components, dtype=dtype,
                                            configs=configs)
   if configs:
@@ -381,7 +245,7 @@ def convert(source: str, out_dir: str, *, components: str | Sequence[str] | None
   if os.path.isdir(source):
     return convert_diffusers_dir(source, out_dir, components=components, dtype=dtype, variant=variant)
   if is_hub_id(source):
-    wanted = _parse_components(components) or DEFAULT_COMPONENTS
+    wanted = parse_components(components) or DEFAULT_COMPONENTS
     local = download(source, components=wanted, revision=revision, variant=variant)
     return convert_diffusers_dir(local, out_dir, components=components, dtype=dtype, variant=variant)
   raise CheckpointError(f"{source}: no such file or directory, and not a Hugging Face hub id (owner/name)")

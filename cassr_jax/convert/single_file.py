@@ -21,7 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-from cassr_jax.convert import diffusers as dconv
+from cassr_jax.convert import keys
+from cassr_jax.convert.components import (COMPONENTS, load_component, parse_components, parse_config,
+                                          save_component)
 from cassr_jax.convert.state_dict import CheckpointError, read_state_dict
 
 UNET_PREFIX = "model.diffusion_model."
@@ -36,7 +38,7 @@ _SCHEDULE_KEYS = (
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "lvlb_weights", "scale_factor")
 _SKIPPED = re.compile(r"model_ema\..*|(" + "|".join(_SCHEDULE_KEYS) + ")")
-_CLIP_POSITION_IDS = re.escape(CLIP_PREFIX) + r"(text_model\.)?embeddings\.position_ids"
+_CLIP_POSITION_IDS = re.escape(CLIP_PREFIX) + keys.CLIP_POSITION_IDS
 
 # SD-1.5's diffusers/transformers config.json values (runwayml/stable-diffusion-v1-5, openai/clip-vit-large-patch14).
 SD15_CONFIGS: dict[str, dict] = {
@@ -146,7 +148,7 @@ def vae_ldm_key(key: str, config) -> str:
 
 def clip_ldm_key(key: str, config=None) -> str:  # pylint: disable=unused-argument
   """CLIP key -> LDM key: transformers names with the "text_model." level (SD-1.x files keep it)."""
-  return key if key.startswith("text_model.") else "text_model." + key
+  return keys.with_clip_prefix(key)
 
 
 def controlnet_ldm_key(key: str, config) -> str:
@@ -183,16 +185,16 @@ def convert_controlnet_file(path: str, out_dir: str, *, dtype: str | None = None
   prefix = CONTROLNET_PREFIX if any(k.startswith(CONTROLNET_PREFIX) for k in state_dict) else ""
   # Full training checkpoints also hold the SD weights next to control_model.*: only the ControlNet is kept.
   part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-  spec = dconv.COMPONENTS["controlnet"]
+  spec = COMPONENTS["controlnet"]
   values = dict(config or SD15_CONFIGS["controlnet"])
   hint = part.get("input_hint_block.0.weight")
   if config is None and hint is not None and np.ndim(hint) == 4:
     values["conditioning_channels"] = int(np.shape(hint)[1])
-  parsed = dconv.parse_config(spec, values, f"{path} (controlnet config)")
-  model = dconv.load_component(spec.model_type, parsed, part, dtype=dtype, source=f"{path} [controlnet]",
+  parsed = parse_config(spec, values, f"{path} (controlnet config)")
+  model = load_component(spec.model_type, parsed, part, dtype=dtype, source=f"{path} [controlnet]",
                                rename=lambda key: controlnet_ldm_key(key, parsed))
   target = os.path.join(out_dir, "controlnet")
-  dconv.save_component(target, model, spec.model_type, parsed)
+  save_component(target, model, spec.model_type, parsed)
   return {"controlnet": target}
 # VAE mid-attention projections are 1x1 convolutions in LDM, linear layers in diffusers.
 _VAE_CONV_ATTENTION = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
@@ -237,7 +239,7 @@ def _renamer(name: str, config, part: Mapping[str, np.ndarray]) -> Callable[[str
     full = prefix + to_ldm(key, config)
     if name == "text_encoder" and full not in part:
       # Older transformers (and so older SD-1.x files) had no "text_model." level.
-      legacy = prefix + full[len(prefix) + len("text_model."):]
+      legacy = prefix + keys.without_clip_prefix(full[len(prefix):])
       if legacy in part:
         return legacy
     return full
@@ -266,10 +268,10 @@ def prepare_part(name: str, part: Mapping[str, np.ndarray]) -> dict[str, np.ndar
 def load_single_file_component(name: str, part: Mapping[str, np.ndarray], config_values: Mapping, *,
                                dtype: str | None, source: str) -> tuple[nnx.Module, object]:
   """Builds component `name` from its LDM keys (full keys, prefix included); returns (model, config)."""
-  spec = dconv.COMPONENTS[name]
-  config = dconv.parse_config(spec, config_values, f"{source} ({name} config)")
+  spec = COMPONENTS[name]
+  config = parse_config(spec, config_values, f"{source} ({name} config)")
   part = prepare_part(name, part)
-  model = dconv.load_component(
+  model = load_component(
       spec.model_type, config, part, dtype=dtype, source=f"{source} [{name}]",
       rename=_renamer(name, config, part),
       ignore_unexpected=(_CLIP_POSITION_IDS,) if name == "text_encoder" else ())
@@ -289,7 +291,7 @@ def convert_single_file(path: str, out_dir: str, *, components: str | Sequence[s
   if unknown:
     raise ValueError(f"configs: unknown components {unknown}; single files hold {sorted(PREFIXES)} "
                      "or a ControlNet")
-  wanted = dconv._parse_components(components) or tuple(PREFIXES)  # pylint: disable=protected-access
+  wanted = parse_components(components) or tuple(PREFIXES)
   unsupported = [c for c in wanted if c not in PREFIXES and c != "controlnet"]
   if unsupported:
     raise CheckpointError(f"{path}: single-file checkpoints hold {sorted(PREFIXES)}, not {unsupported}")
@@ -311,7 +313,7 @@ def convert_single_file(path: str, out_dir: str, *, components: str | Sequence[s
     values = configs.get(name) or _default_config(name, state_dict)
     model, config = load_single_file_component(name, parts[name], values, dtype=dtype, source=path)
     target = os.path.join(out_dir, name)
-    dconv.save_component(target, model, dconv.COMPONENTS[name].model_type, config)
+    save_component(target, model, COMPONENTS[name].model_type, config)
     results[name] = target
     del model
   return results
@@ -330,10 +332,10 @@ def to_ldm_state_dict(parts: Mapping[str, Mapping[str, np.ndarray]],
   configs = dict(configs or {})
   out = {}
   for name, state_dict in parts.items():
-    spec = dconv.COMPONENTS[name]
-    config = dconv.parse_config(spec, configs.get(name) or SD15_CONFIGS[name], f"{name} config")
+    spec = COMPONENTS[name]
+    config = parse_config(spec, configs.get(name) or SD15_CONFIGS[name], f"{name} config")
     for key, value in state_dict.items():
-      if name == "text_encoder" and re.fullmatch(r"(text_model\.)?embeddings\.position_ids", key):
+      if name == "text_encoder" and keys.is_clip_position_ids(key):
         continue
       ldm = _LDM_KEY[name](key, config)
       if name == "vae" and _VAE_CONV_ATTENTION.fullmatch(ldm) and np.ndim(value) == 2:

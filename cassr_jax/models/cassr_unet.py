@@ -11,7 +11,7 @@ Forward pass, for noisy latents x_t, the bicubic-upsampled LR image and the stag
      where k is the skip connection that up-block layer consumes (same resolution). The new attentions
      have their own LayerNorm and projections, a residual add, and zero-initialised output projections, so
      an untrained CasSR computes exactly SD + ControlNet.
-Parameters: `unet` is frozen SD; `controlnet` and `multi_attention` are trained (see trainable_filter).
+Parameters: `unet` is frozen SD; `controlnet` and `multi_attention` are trained (see trained_parts).
 """
 from __future__ import annotations
 
@@ -150,6 +150,11 @@ class CasSRUNet(nnx.Module):
         }
     return unet.decode(x, skips, temb, context, up_kwargs)
 
+  def trained_parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """ControlNet and multiple attention train, minus the ControlNet parts that cannot influence the output;
+    the SD U-Net stays frozen (cassr_jax.models.trainable_filter)."""
+    return ("multi_attention", "controlnet"), tuple("controlnet." + u for u in self.unused_controlnet_parts())
+
   def unused_controlnet_parts(self) -> tuple[str, ...]:
     """ControlNet sub-modules that cannot influence the output in this configuration (frozen, so the
     optimizer keeps no state for them and every trained parameter gets a gradient)."""
@@ -170,29 +175,6 @@ class CasSRUNet(nnx.Module):
     if last_part == "layers" and self.controlnet.down_blocks[last_block].downsamplers is not None:
       parts.append(f"down_blocks.{last_block}.downsamplers")
     return tuple(parts)
-
-
-def trainable_filter(model: CasSRUNet) -> nnx.filterlib.Filter:
-  """NNX filter of the trained parameters (ControlNet and multiple attention); the SD U-Net stays frozen."""
-  unused = model.unused_controlnet_parts()
-
-  def is_trainable(path, value) -> bool:
-    if not isinstance(value, nnx.Param):
-      return False
-    keys = [str(p) for p in path]
-    if keys[0] == "multi_attention":
-      return True
-    if keys[0] != "controlnet":
-      return False
-    dotted = ".".join(keys[1:])
-    return not any(dotted == u or dotted.startswith(u + ".") for u in unused)
-
-  return is_trainable
-
-
-def frozen_filter(model: CasSRUNet) -> nnx.filterlib.Filter:
-  trainable = trainable_filter(model)
-  return lambda path, value: isinstance(value, nnx.Param) and not trainable(path, value)
 
 
 def cassr_from_pretrained(unet: UNet2DConditionModel, config: CasSRConfig | None = None,

@@ -1,8 +1,7 @@
 """CLIP text encoder (the text tower SD conditions on) in Flax NNX, named as transformers' CLIPTextModel.
 
-Our parameter paths are the SD checkpoint keys ("text_model.embeddings.token_embedding.weight", ...). Newer
-transformers versions drop the "text_model." prefix from their state dicts; load_state_dict accepts both, and
-ignores the position_ids buffer that old checkpoints store.
+Our parameter paths are the SD checkpoint keys ("text_model.embeddings.token_embedding.weight", ...); the key
+quirks of other checkpoints are handled in cassr_jax.convert.keys.
 
 Pre-LN transformer with a causal mask (token i sees tokens 0..i), learned positions, quick-GELU (CLIP ViT-L/14,
 SD-1.x) or GELU (OpenCLIP, SD-2.x) MLPs, and a final LayerNorm. SD-1.x conditions on last_hidden_state;
@@ -16,17 +15,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from cassr_jax.models import ModelKind
-from cassr_jax.convert.state_dict import CheckpointError
-from cassr_jax.convert.strict import load_torch_state
 from cassr_jax.nn import layers
 from cassr_jax.nn.attention import dot_product_attention
 from cassr_jax.nn.layers import FP32, Policy
-
-PREFIX = "text_model."
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -203,18 +197,6 @@ class CLIPTextModel(nnx.Module):
       eos_index = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
     pooled = jnp.take_along_axis(last, eos_index[:, None, None], axis=1)[:, 0]
     return CLIPTextOutput(last, pooled, hidden_state)
-
-
-def load_state_dict(model: CLIPTextModel, state_dict: Mapping[str, np.ndarray], *,
-                    source: str = "CLIP text encoder checkpoint") -> None:
-  """Strictly loads a transformers CLIPTextModel state dict, with or without the "text_model." prefix."""
-  prefixed = [k for k in state_dict if k.startswith(PREFIX)]
-  if prefixed and len(prefixed) != len(state_dict):
-    others = sorted(k for k in state_dict if not k.startswith(PREFIX))[:5]
-    raise CheckpointError(f"{source}: mixes keys with and without the {PREFIX!r} prefix (e.g. {others})")
-  rename = None if prefixed else (lambda key: key[len(PREFIX):])
-  load_torch_state(model, state_dict, source=source, rename=rename,
-                   ignore_unexpected=[r"(text_model\.)?embeddings\.position_ids"])
 
 
 def build(config: CLIPTextConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention: str = "auto"):

@@ -4,7 +4,7 @@ eps = unet(x_t, t, text, residuals = controlnet(x_t, t, text, lr_up)), lr_up bei
 to the output size, in [0, 1] (diffusers' SD ControlNets, e.g. a tile ControlNet, take [0, 1] hints). This is
 CasSR's residual path without the reference branch; the forward pass is the existing ControlNetModel and the
 U-Net's ControlNet-residual input, not a copy of them. The U-Net is frozen; training (if any) updates the
-ControlNet only (trainable_filter).
+ControlNet only (trained_parts).
 """
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ class ControlNetSR(nnx.Module):
     self.controlnet = controlnet if controlnet is not None else ControlNetModel(
         config.controlnet, policy=policy, attention=attention, rngs=rngs)
 
+  def trained_parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ControlNet trains; the SD U-Net stays frozen (cassr_jax.models.trainable_filter)."""
+    return ("controlnet",), ()
+
   def __call__(self, sample, timesteps, context, lr_up, *, conditioning_scale: float | None = None):
     b, h, w, _ = sample.shape
     expected = (b, 8 * h, 8 * w, self.config.controlnet.conditioning_channels)
@@ -62,15 +66,6 @@ class ControlNetSR(nnx.Module):
     scale = self.config.conditioning_scale if conditioning_scale is None else conditioning_scale
     down, mid = self.controlnet(sample, timesteps, context, lr_up, conditioning_scale=scale)
     return self.unet(sample, timesteps, context, down_residuals=down, mid_residual=mid)
-
-
-def trainable_filter(model: ControlNetSR) -> nnx.filterlib.Filter:  # pylint: disable=unused-argument
-  """The ControlNet trains; the SD U-Net stays frozen."""
-  return lambda path, value: isinstance(value, nnx.Param) and str(path[0]) == "controlnet"
-
-
-def frozen_filter(model: ControlNetSR) -> nnx.filterlib.Filter:  # pylint: disable=unused-argument
-  return lambda path, value: isinstance(value, nnx.Param) and str(path[0]) != "controlnet"
 
 
 def controlnet_sr_from_pretrained(unet: UNet2DConditionModel, controlnet: ControlNetModel | None = None, *,

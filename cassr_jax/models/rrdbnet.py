@@ -154,4 +154,21 @@ def build(config: RRDBNetConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, **run
   return RRDBNet(config, policy=policy, rngs=rngs, **runtime_options)
 
 
+def conv_names(config: RRDBNetConfig) -> list[str]:
+  """BasicSR names of the convolutions in module (= forward = ncnn file) order."""
+  names = ["conv_first"]
+  for b in range(config.num_block):
+    names += [f"body.{b}.rdb{r}.conv{j}" for r in (1, 2, 3) for j in range(1, 6)]
+  return names + ["conv_body", "conv_up1", "conv_up2", "conv_hr", "conv_last"]
+
+
+def conv_io(config: RRDBNetConfig) -> list[tuple[int, int, bool]]:
+  """(out_ch, in_ch, followed_by_leaky_relu) of every conv in conv_names order."""
+  f, g = config.num_feat, config.num_grow_ch
+  io = [(f, config.num_in_ch * config.unshuffle ** 2, False)]
+  for _ in range(config.num_block * 3):
+    io += [(g, f + j * g, True) for j in range(4)] + [(f, f + 4 * g, False)]
+  return io + [(f, f, False), (f, f, True), (f, f, True), (f, f, True), (config.num_out_ch, f, False)]
+
+
 MODEL_KIND = ModelKind(RRDBNetConfig, build)

@@ -161,6 +161,10 @@ class SCEditUNet(nnx.Module):
     return [s + scale * self.tuners[n - 1 - k](s, h.astype(s.dtype))
             for k, (s, h) in enumerate(zip(skips, hints))]
 
+  def trained_parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The tuners and the hint encoder train; the SD U-Net stays frozen (cassr_jax.models.trainable_filter)."""
+    return ("tuners", "hint"), ()
+
   def __call__(self, sample, timesteps, context, hint=None, *, control_scale: float = 1.0,
                tuner_scale: float = 1.0):
     """control_scale: CSC strength (SCEdit's control_scale); tuner_scale: SC strength (SCEdit's tuner_scale)."""
@@ -177,16 +181,6 @@ class SCEditUNet(nnx.Module):
     x = unet.mid_block(x, temb, context)
     skips = self.edit_skips(skips, hint, control_scale=control_scale, tuner_scale=tuner_scale)
     return unet.decode(x, skips, temb, context)
-
-
-def trainable_filter(model: SCEditUNet) -> nnx.filterlib.Filter:  # pylint: disable=unused-argument
-  """NNX filter of the trained parameters (tuners and hint encoder); the SD U-Net stays frozen."""
-  return lambda path, value: isinstance(value, nnx.Param) and str(path[0]) in ("tuners", "hint")
-
-
-def frozen_filter(model: SCEditUNet) -> nnx.filterlib.Filter:
-  trainable = trainable_filter(model)
-  return lambda path, value: isinstance(value, nnx.Param) and not trainable(path, value)
 
 
 def scedit_from_pretrained(unet: UNet2DConditionModel, config: SCEditConfig | None = None, *, mode: str = "csc",

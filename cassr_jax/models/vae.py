@@ -11,18 +11,14 @@ attention on or off. Everything else (other block types or activations, latents_
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
 from cassr_jax.models import ModelKind
-from cassr_jax.convert.state_dict import CheckpointError
-from cassr_jax.convert.strict import load_torch_state
 from cassr_jax.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from cassr_jax.nn import layers
 from cassr_jax.nn.layers import FP32, Policy
@@ -296,34 +292,6 @@ class AutoencoderKL(nnx.Module):
     """Reconstruction (diffusers' forward): decode(sample or mode of encode(images))."""
     posterior = self.encode(images)
     return self.decode(posterior.mode() if key is None else posterior.sample(key))
-
-
-# Pre-0.14 diffusers (and some fine-tuned VAEs) name the mid-block attention query/key/value/proj_attn.
-_OLD_ATTENTION_KEY = re.compile(r"^(.*mid_block\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
-_OLD_TO_NEW = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def normalize_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Maps old attention names to the current ones; 1x1-conv attention weights become linear weights."""
-  out = {}
-  for key, value in state_dict.items():
-    match = _OLD_ATTENTION_KEY.match(key)
-    if match:
-      prefix, name, leaf = match.groups()
-      key = f"{prefix}{_OLD_TO_NEW[name]}.{leaf}"
-    if ".mid_block.attentions." in key and key.endswith(".weight") and np.ndim(value) == 4:
-      if tuple(np.shape(value)[2:]) != (1, 1):
-        raise CheckpointError(f"{key}: expected a linear or 1x1 conv attention weight, got shape "
-                              f"{tuple(np.shape(value))}")
-      value = np.asarray(value)[:, :, 0, 0]
-    out[key] = value
-  return out
-
-
-def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], *,
-                    source: str = "VAE checkpoint") -> None:
-  """Strictly loads a diffusers AutoencoderKL state dict (old or new attention names) into `model`."""
-  load_torch_state(model, normalize_state_dict(state_dict), source=source)
 
 
 def build(config: VAEConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention: str = "auto"):
