@@ -82,17 +82,20 @@ def run_plan(sampler: str | Sampler, plan: Plan, denoise: Denoiser, x: jax.Array
 
 def sample(denoise: Denoiser, key: jax.Array, *, schedule: NoiseSchedule, sampler: str | Sampler = "dpmpp_2m",
            steps: int = 20, shape: Sequence[int] | None = None, start_latents: jax.Array | None = None,
-           strength: float = 1.0, karras: bool = False, eta: float = 0.0,
+           strength: float = 1.0, karras: bool = False, eta: float = 0.0, noise: jax.Array | None = None,
            dtype=jnp.float32) -> jax.Array:
   """Latents denoised by `sampler` in `steps` steps (fewer when strength < 1).
 
   Starts from pure noise of `shape`, or from `start_latents` noised to the first step's level
   (x = alpha start + sigma eps; the LR start point of SeeSR / CasSR). strength < 1 (needs start_latents)
-  skips the first (1 - strength) share of the steps, as img2img does.
+  skips the first (1 - strength) share of the steps, as img2img does. noise: the starting Gaussian noise
+  (shaped like the latents) instead of one drawn from `key` (which then only drives stochastic steps).
   """
   if start_latents is None:
+    if shape is None and noise is not None:
+      shape = noise.shape
     if shape is None:
-      raise ValueError("sample needs shape= (pure-noise start) or start_latents=")
+      raise ValueError("sample needs shape= (pure-noise start), noise= or start_latents=")
     if strength != 1.0:
       raise ValueError(f"strength={strength} needs start_latents (it says how far to noise them)")
   elif shape is not None and tuple(shape) != tuple(start_latents.shape):
@@ -101,7 +104,9 @@ def sample(denoise: Denoiser, key: jax.Array, *, schedule: NoiseSchedule, sample
   plan = make_plan(sampler, schedule, steps, strength=strength, karras=karras, eta=eta)
   start_key, loop_key = jax.random.split(key)
   shape = tuple(shape if start_latents is None else start_latents.shape)
-  eps = jax.random.normal(start_key, shape, dtype)
+  if noise is not None and tuple(noise.shape) != shape:
+    raise ValueError(f"noise has shape {tuple(noise.shape)}, the latents {shape}")
+  eps = jax.random.normal(start_key, shape, dtype) if noise is None else noise.astype(dtype)
   if start_latents is None:
     x = eps  # every sampler here starts pure noise at unit scale (diffusers' init_noise_sigma = 1)
   else:
