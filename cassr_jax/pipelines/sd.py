@@ -35,11 +35,11 @@ def load_sd(weights_dir: str, **runtime_options):
   return unet, vae, text_encoder, tokenizer, make_schedule(load_schedule_config(weights_dir))
 
 
-def _generate(unet, vae, contexts, key, *, config: ScheduleConfig, sampler: str, steps: int,
+def _generate(unet, vae, contexts, key, noise, *, config: ScheduleConfig, sampler: str, steps: int,
               latent_shape: tuple[int, ...], guidance_scale: float, karras: bool, eta: float):
   denoise = sampling.cfg_denoiser(lambda x, t, context: unet(x, t, context), contexts, guidance_scale)
   latents = sampling.sample(denoise, key, schedule=make_schedule(config), sampler=sampler, steps=steps,
-                            shape=latent_shape, karras=karras, eta=eta)
+                            shape=latent_shape, karras=karras, eta=eta, noise=noise)
   images = vae.decode_latents(latents).astype(jnp.float32)
   return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
 
@@ -48,11 +48,14 @@ _generate_jit = nnx.jit(_generate, static_argnames=("config", "sampler", "steps"
                                                    "guidance_scale", "karras", "eta"))
 
 
-def text_to_image(unet, vae, text_encoder, tokenizer, prompt: str | Sequence[str], *, negative_prompt: str = "",
-                  steps: int = 20, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0,
-                  height: int = 512, width: int = 512, schedule: NoiseSchedule | ScheduleConfig | None = None,
-                  karras: bool = False, eta: float = 0.0) -> np.ndarray:
-  """(B, height, width, 3) uint8 images for a prompt (B = 1) or a list of prompts."""
+def generate(unet, vae, text_encoder, tokenizer, prompt: str | Sequence[str], *, negative_prompt: str = "",
+             steps: int = 20, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0,
+             height: int = 512, width: int = 512, schedule: NoiseSchedule | ScheduleConfig | None = None,
+             karras: bool = False, eta: float = 0.0, noise: np.ndarray | None = None) -> np.ndarray:
+  """(B, height, width, 3) float32 images in [0, 1] for a prompt (B = 1) or a list of prompts.
+
+  noise: the starting latent noise (B, height/f, width/f, C) instead of one drawn from `seed`.
+  """
   prompts = [prompt] if isinstance(prompt, str) else list(prompt)
   factor = vae.config.downscale
   # the U-Net halves the latents once per down block after the first
@@ -63,7 +66,23 @@ def text_to_image(unet, vae, text_encoder, tokenizer, prompt: str | Sequence[str
   max_length = min(text.MAX_LENGTH, text_encoder.config.max_position_embeddings)
   embeddings = text.encode_prompts(text_encoder, tokenizer, [negative_prompt] + prompts, max_length=max_length)
   latent_shape = (len(prompts), height // factor, width // factor, vae.config.latent_channels)
-  images = _generate_jit(unet, vae, (embeddings[:1], embeddings[1:]), jax.random.key(seed), config=config,
-                         sampler=sampler, steps=int(steps), latent_shape=latent_shape,
+  noise_key, step_key = jax.random.split(jax.random.key(seed))
+  # drawn outside the compiled program, so seeded and given noise share one compile
+  noise = jax.random.normal(noise_key, latent_shape) if noise is None else jnp.asarray(noise, jnp.float32)
+  if noise.shape != latent_shape:
+    raise ValueError(f"noise must have the latents' shape {latent_shape}, got {noise.shape}")
+  images = _generate_jit(unet, vae, (embeddings[:1], embeddings[1:]), step_key, noise,
+                         config=config, sampler=sampler, steps=int(steps), latent_shape=latent_shape,
                          guidance_scale=float(guidance_scale), karras=bool(karras), eta=float(eta))
-  return image_ops.to_uint8(np.asarray(images))
+  return np.asarray(images)
+
+
+def text_to_image(unet, vae, text_encoder, tokenizer, prompt: str | Sequence[str], *, negative_prompt: str = "",
+                  steps: int = 20, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0,
+                  height: int = 512, width: int = 512, schedule: NoiseSchedule | ScheduleConfig | None = None,
+                  karras: bool = False, eta: float = 0.0) -> np.ndarray:
+  """(B, height, width, 3) uint8 images for a prompt (B = 1) or a list of prompts (see `generate`)."""
+  return image_ops.to_uint8(generate(
+      unet, vae, text_encoder, tokenizer, prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
+      guidance_scale=guidance_scale, seed=seed, height=height, width=width, schedule=schedule, karras=karras,
+      eta=eta))
