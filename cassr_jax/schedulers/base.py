@@ -54,7 +54,6 @@ class Sampler:
   make_plan: Callable[..., Plan]
   init_state: Callable[[jax.Array], Any]
   step: Callable[..., tuple[jax.Array, Any]]
-  stochastic: bool = False  # whether make_plan(eta=...) / the sampler itself can inject noise
 
 
 def no_state(x: jax.Array) -> tuple:

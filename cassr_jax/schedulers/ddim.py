@@ -45,4 +45,4 @@ def step(plan: base.Plan, row, x: jax.Array, model_output: jax.Array, state, noi
   return out, state
 
 
-SAMPLER = base.Sampler("ddim", make_plan, base.no_state, step, stochastic=True)
+SAMPLER = base.Sampler("ddim", make_plan, base.no_state, step)

@@ -44,4 +44,4 @@ def step(plan: base.Plan, row, x: jax.Array, model_output: jax.Array, state, noi
   return row["coef_x0"] * x0 + row["coef_x"] * x + row["std"] * noise, state
 
 
-SAMPLER = base.Sampler("ddpm", make_plan, base.no_state, step, stochastic=True)
+SAMPLER = base.Sampler("ddpm", make_plan, base.no_state, step)

@@ -22,7 +22,8 @@ ORDER = 2
 
 
 def _phi(h: float) -> tuple[float, float, float]:
-  """(hh, e^hh - 1, B(h)) for data prediction, hh = -h; the noise-free end (h = inf) gives (-inf, -1, -1)."""
+  """(hh, h phi_1 = e^hh - 1, B(h)) for data prediction, hh = -h; bh2's B(h) is also e^hh - 1.
+  The noise-free end (h = inf) gives (-inf, -1, -1)."""
   if not np.isfinite(h):
     return -np.inf, -1.0, -1.0
   hh = -h
@@ -56,7 +57,7 @@ def make_plan(schedule: NoiseSchedule, steps: int, *, begin: int = 0, karras: bo
   for i in range(begin, n):
     # predictor i: from level i to level i + 1
     h = lam[i + 1] - lam[i]
-    hh, h_phi_1, b_h = _phi(h)
+    _, h_phi_1, b_h = _phi(h)
     table["p_x"][i] = sigma[i + 1] / sigma[i]
     table["p_m"][i] = -alpha[i + 1] * h_phi_1
     if orders[i] == 2:
