@@ -96,7 +96,10 @@ def test_text_to_image_matches_diffusers_pipeline(converted, rng):
   error = relative_max_error(ours, guided)
   assert error < 1e-4
   # the prompts and the guidance really shape the image, far beyond the parity error
-  assert relative_max_error(reference(1.0), guided) > 100 * max(error, 1e-6)
+  guidance_effect = relative_max_error(reference(1.0), guided)
+  assert guidance_effect > 100 * max(error, 1e-6)
+  print(f"\nSD text-to-image vs diffusers: relative error {error:.2e} (guidance changes the image by "
+        f"{guidance_effect:.2e})")
 
 
 def test_sample_sd_cli_writes_a_png(converted, tmp_path):
