@@ -7,7 +7,8 @@ Sources understood:
   * a hub id (downloaded with huggingface_hub.snapshot_download, only the files needed),
   * a single-file LDM checkpoint (.safetensors / .ckpt), handed to cassr_jax.convert.single_file.
 Each converted component is written as its own model directory (cassr_jax.checkpoint.save_model) under
-out_dir/<component>; tokenizer files and the scheduler config are copied next to them.
+out_dir/<component>; tokenizer files are copied to out_dir/tokenizer, scheduler/scheduler_config.json to
+out_dir/scheduler_config.json.
 
 safetensors sources are read as numpy and never import torch; pickles are read with torch's weights_only mode.
 The component table (which model each subfolder becomes) is cassr_jax.convert.components.
@@ -31,6 +32,7 @@ from cassr_jax.convert.state_dict import CheckpointError, read_state_dict
 CONFIG_FILE = "config.json"
 PIPELINE_INDEX = "model_index.json"
 TOKENIZER_DIR = "tokenizer"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"  # copied to out_dir/scheduler_config.json
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 TRANSFORMERS_STEMS = ("model", "pytorch_model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -159,6 +161,11 @@ def convert_diffusers_dir(src_dir: str, out_dir: str, *, components: str | Seque
   if "text_encoder" in wanted and os.path.isdir(tokenizer):
     shutil.copytree(tokenizer, os.path.join(out_dir, TOKENIZER_DIR), dirs_exist_ok=True)
     results[TOKENIZER_DIR] = os.path.join(out_dir, TOKENIZER_DIR)
+  scheduler = os.path.join(src_dir, SCHEDULER_CONFIG)
+  if os.path.isfile(scheduler):  # the noise schedule the samplers read (cassr_jax.schedulers.load_schedule_config)
+    target = os.path.join(out_dir, os.path.basename(SCHEDULER_CONFIG))
+    shutil.copyfile(scheduler, target + ".tmp")
+    os.replace(target + ".tmp", target)
   return results
 
 
@@ -187,6 +194,7 @@ def hub_allow_patterns(components: Sequence[str], variant: str | None, suffix: s
       patterns.append(folder + (f"{stem}.{variant}-*{suffix}" if variant else f"{stem}-*-of-*{suffix}"))
   if "text_encoder" in components:
     patterns.append(TOKENIZER_DIR + "/*")
+  patterns.append(SCHEDULER_CONFIG)
   return patterns
 
 

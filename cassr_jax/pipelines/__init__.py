@@ -1,0 +1,1 @@
+"""End-to-end pipelines over the models, samplers and text encoder (sd: plain SD text-to-image)."""
