@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
 import warnings
@@ -242,4 +243,13 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(buf.tobytes())
+  os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+  """Writes obj as indented JSON atomically (temporary sibling + rename)."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
   os.replace(tmp, path)

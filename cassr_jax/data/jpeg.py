@@ -21,7 +21,7 @@ factor 0 means no quantisation (the limit q -> 100), so configs may include 100.
 chroma smoothly (fancy upsampling), so its chroma noise is much lower than DiffJPEG's: measured on x4plus
 LR images, mean |C - median3(C)| over Cb/Cr is 0.26-0.29 with libjpeg vs 0.70 with Real-ESRGAN's DiffJPEG.
 
-Speed: per image the work is two GEMMs with 64x64 matrices (DCT and quantisation folded into one matrix, the
+Speed: per image the work is two GEMMs (OpenCV's) with 64x64 matrices (DCT and quantisation folded into one matrix, the
 inverse likewise), per block of luma and of the two half-resolution chroma planes.
 """
 from __future__ import annotations
@@ -101,8 +101,9 @@ def _round_trip(plane: np.ndarray, table: np.ndarray) -> np.ndarray:
   if inv is None:  # factor 0 (quality 100): nothing is quantised
     return plane
   b = _blocks(plane - np.float32(128))
-  q = np.rint(b @ fwd)
-  out = q @ inv
+  # OpenCV's GEMM: it follows cv2.setNumThreads (1 in data workers), where numpy's BLAS may spin threads.
+  q = np.rint(cv2.gemm(b, fwd, 1.0, None, 0.0))
+  out = cv2.gemm(q, inv, 1.0, None, 0.0)
   out += np.float32(128)
   return _unblocks(out, plane.shape)
 

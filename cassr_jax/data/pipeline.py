@@ -48,6 +48,7 @@ import numpy as np
 
 from cassr_jax.data import degradations, images, sources
 from cassr_jax.data.sources import DataError
+from cassr_jax.image_ops import to_uint8
 
 _CROP_STREAM = 3  # child stream of the example seed for crop/flip draws (0-2 belong to the degradation)
 
@@ -273,7 +274,7 @@ class OfflineExampleBuilder:
     ex = maker.make(src[index], 0, index)
     if ex is None:
       return index, None
-    return index, {"hr": ex["hr"], "lr": ex["lr"], "lr_up": degradations.to_uint8(ex["lr_up"])}
+    return index, {"hr": ex["hr"], "lr": ex["lr"], "lr_up": to_uint8(ex["lr_up"])}
 
 
 class _ToFloat:
