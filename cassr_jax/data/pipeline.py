@@ -14,6 +14,9 @@ Config (`default_data_config()`; the trainer embeds it as config.data):
                     folder (recursive image folder), tfds (a tensorflow-datasets name, e.g. 'div2k/bicubic_x4'
                     with image_key 'hr'), paired (a set written by scripts/make_paired_data.py). Several
                     sources are mixed by weight.
+  mix               'weights': source i is drawn with probability weight_i / sum(weights); 'size': with
+                    weight_i * len(source_i) (all 1: every image equally likely, as one concatenated folder;
+                    the paper's mixture, see paper_data_config).
   seed              seeds the shuffle and, with (epoch, example index), every random choice of an example.
   crop_size         HR crop (512 for SD-1.5); 0 = whole image (trimmed to a multiple of scale).
   small_images      'pad' (reflect-101 pad at the bottom/right up to the crop, as Real-ESRGAN does) or 'skip'.
@@ -46,7 +49,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from cassr_jax.data import degradations, images, sources
+from cassr_jax.data import degradations, images, sources, tiles
 from cassr_jax.data.sources import DataError
 from cassr_jax.image_ops import to_uint8
 
@@ -56,6 +59,7 @@ _CROP_STREAM = 3  # child stream of the example seed for crop/flip draws (0-2 be
 def default_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.sources = ml_collections.FieldReference("", field_type=object)  # a spec string or a list of dicts
+  c.mix = "weights"
   c.seed = 0
   c.crop_size = 512
   c.small_images = "pad"
@@ -75,6 +79,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.check_images = "header"
   c.max_pixels = images.DEFAULT_MAX_PIXELS
   c.max_consecutive_failures = 100
+  return c
+
+
+def paper_data_config(tiles_root: str) -> ml_collections.ConfigDict:
+  """The paper's training data: DIV2K + DIV8K + Flickr2K + OST + the first 10K of FFHQ, random 512 crops
+  of the tiles that scripts/prepare_train_data.py wrote under tiles_root, every tile equally likely."""
+  c = default_data_config()
+  c.sources = tiles.paper_sources(tiles_root)
+  c.mix = "size"
   return c
 
 
@@ -297,7 +310,11 @@ def build_sources(config: ml_collections.ConfigDict):
                                     max_pixels=int(config.max_pixels)) for s in specs]
   paired = [isinstance(s, sources.PairedSource) for s in built]
   with_ref = all(paired) and all(s.has_ref for s in built)
-  return built, [s.weight for s in specs], with_ref
+  mix = str(config.get("mix", "weights"))
+  if mix not in ("weights", "size"):
+    raise DataError(f"config.data.mix={mix!r} must be 'weights' or 'size'")
+  weights = [s.weight * (len(b) if mix == "size" else 1) for s, b in zip(specs, built)]
+  return built, weights, with_ref
 
 
 def _process_shard(process_index, process_count):
