@@ -311,20 +311,23 @@ def _keep_channels(out, like):
 
 
 def _area_axis(img: np.ndarray, size: int, axis: int) -> np.ndarray:
-  """Adaptive average pooling along one axis (torch's 'area'), via float64 prefix sums."""
+  """Adaptive average pooling along one axis (torch's 'area'): output i averages inputs
+  floor(i n / size) .. ceil((i + 1) n / size) - 1. Summed as at most ceil(n / size) + 1 weighted gathers of
+  whole rows (columns), so the cost is about one pass over the input whatever the factor."""
   n = img.shape[axis]
   if n == size:
     return img
   i = np.arange(size)
   start = i * n // size
-  end = -(-(i + 1) * n // size)  # ceil
-  sums = np.cumsum(img, axis=axis, dtype=np.float64)
-  zero = np.zeros_like(sums.take([0], axis=axis))
-  sums = np.concatenate([zero, sums], axis=axis)
+  length = -(-(i + 1) * n // size) - start  # ceil((i + 1) n / size) - start
   shape = [1] * img.ndim
   shape[axis] = size
-  out = (sums.take(end, axis=axis) - sums.take(start, axis=axis)) / (end - start).reshape(shape)
-  return out.astype(np.float32)
+  out = None
+  for k in range(int(length.max())):
+    weight = np.where(k < length, 1.0 / length, 0.0).astype(np.float32).reshape(shape)
+    part = np.take(img, np.minimum(start + k, n - 1), axis=axis) * weight
+    out = part if out is None else np.add(out, part, out=out)
+  return out
 
 
 def area_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -5,10 +5,11 @@ Decoding a 2K PNG costs more than degrading a 512 crop, so the training folders 
 crop fits, plus one crop flush with the far edge when more than `thresh_size` pixels would be left over.
 A side shorter than the crop gives one tile of that side's full length (the pipeline pads or skips it).
 
-Tiles are stored as PNG with compression level 1 by default (lossless; a 512x512 tile decodes in about 5 ms
-with cv2, 2.5x faster than a 2K source image per pixel-of-crop needed). Measured on a 512x512 photo tile,
-one core, cv2 decode: PNG level 0 770 KiB 5.4 ms, level 1 385 KiB 11 ms, level 3 370 KiB 11 ms, lossless
-WebP 256 KiB 8.6 ms (encode 240 ms), JPEG q95 78 KiB 2.2 ms (lossy: adds its own artifacts to the target).
+Tiles are stored as lossless PNG, compression level 1 by default (half the disk of level 0). Measured on a
+512x512 photo tile, one core of a loaded shared machine, cv2 decode (images.decode_image adds ~0.5 ms):
+PNG level 0 770 KiB 5.4 ms, level 1 385 KiB 11 ms, level 3 370 KiB 11 ms, lossless WebP 256 KiB 8.6 ms
+(but 240 ms to encode), JPEG q95 78 KiB 2.2 ms (lossy: it would add its own artifacts to the target); a
+2040x1356 DIV2K-sized PNG takes ~90 ms. Level 0 is the choice when disk is plentiful (--png-compression 0).
 
 Layout: <out>/<name>/<source stem>_s<NNN>.png per dataset `name`, and <out>/meta.json (settings, counts,
 skipped files). Resumable: an image whose tiles all exist is skipped; every tile is written atomically.
