@@ -437,13 +437,20 @@ def jpeg(img: np.ndarray, quality: float, codec: str = "libjpeg") -> np.ndarray:
 
 
 def usm_sharpen(img: np.ndarray, weight: float, radius: int, threshold: float) -> np.ndarray:
-  """Unsharp masking with a soft threshold mask (Real-ESRGAN's USM, sigma from the radius)."""
-  blur = cv2.GaussianBlur(img, (radius, radius), 0)
-  residual = img - blur
-  mask = (np.abs(residual) * 255 > threshold).astype(np.float32)
-  soft = _keep_channels(cv2.GaussianBlur(mask, (radius, radius), 0), img)
-  sharp = np.clip(img + weight * residual, 0, 1)
-  return soft * sharp + (1 - soft) * img
+  """Unsharp masking with a soft threshold mask (Real-ESRGAN's USM, sigma from the radius).
+
+  soft * clip(img + weight * residual) + (1 - soft) * img, computed as img + soft * (sharp - img) in place.
+  """
+  residual = img - cv2.GaussianBlur(img, (radius, radius), 0)
+  _, mask = cv2.threshold(np.abs(residual), np.float32(threshold / 255), 1.0, cv2.THRESH_BINARY)
+  soft = _keep_channels(cv2.GaussianBlur(_keep_channels(mask, img), (radius, radius), 0), img)
+  residual *= np.float32(weight)
+  residual += img
+  sharp = np.clip(residual, 0, 1, out=residual)
+  sharp -= img
+  sharp *= soft
+  sharp += img
+  return sharp
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cassr_jax.image_ops import to_uint8
+
 logger = logging.getLogger("cassr_jax.data")
 
 # Pillow raises DecompressionBombError beyond twice its MAX_IMAGE_PIXELS (178,956,970 pixels by default);
@@ -219,7 +221,7 @@ def to_rgb8(a: np.ndarray, name: str = "<array>", *, bgr: bool = False) -> np.nd
     f = np.repeat(f, 3, axis=2)
   elif bgr:
     f = f[..., ::-1]
-  return np.ascontiguousarray(np.clip(np.rint(f * 255.0), 0, 255).astype(np.uint8))
+  return np.ascontiguousarray(to_uint8(f))
 
 
 def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -23,7 +23,7 @@ Config (`default_data_config()`; the trainer embeds it as config.data):
   min_image_size    images with a side below this are always skipped (one warning each).
   hflip, rotate     augmentation: horizontal flip p=0.5; rotate adds vertical flip and transpose, p=0.5 each.
   scale             the SR factor; the same FieldReference as degradation.scale.
-  degradation       a degradations preset (x4plus_preset() / mild_preset()); every number is there.
+  degradation       a cassr_jax.data.presets preset (x4plus_preset() / mild_preset()); every number is there.
   batch_size        per host. drop_remainder: drop a last incomplete batch (only matters when num_epochs > 0).
   num_epochs        0 = repeat forever.   shuffle: global shuffle, reshuffled every epoch.
   num_workers       grain worker processes (0 = in the calling process); worker_buffer_size batches each.
@@ -49,7 +49,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from cassr_jax.data import degradations, images, sources, tiles
+from cassr_jax.data import degradations, images, presets, sources, tiles
 from cassr_jax.data.sources import DataError
 from cassr_jax.image_ops import to_uint8
 
@@ -66,7 +66,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.min_image_size = 16
   c.hflip = True
   c.rotate = False
-  c.degradation = degradations.x4plus_preset()
+  c.degradation = presets.x4plus_preset()
   c.scale = c.degradation.get_ref("scale")
   c.batch_size = 4
   c.drop_remainder = True
@@ -126,7 +126,7 @@ class ExampleMaker:
 
   def __init__(self, config: ml_collections.ConfigDict, length: int, *, with_ref: bool = False,
                keep_names: bool = False):
-    self.deg = degradations.settings(config.degradation)
+    self.deg = presets.settings(config.degradation)
     if int(config.scale) != self.deg.scale:
       raise DataError(f"config.data.scale={config.scale} differs from degradation.scale={self.deg.scale}")
     self.scale = self.deg.scale
