@@ -371,7 +371,7 @@ def test_x4plus_lr_chroma_noise_diffjpeg_vs_libjpeg():
   photos = [data.astronaut(), data.coffee(), data.chelsea()]
   rng = np.random.default_rng(0)
   noise = {"diffjpeg": [], "libjpeg": []}
-  for i in range(36):
+  for i in range(24):
     p = photos[i % 3]
     t, l = rng.integers(0, p.shape[0] - 128), rng.integers(0, p.shape[1] - 128)
     hr = np.ascontiguousarray(p[t:t + 128, l:l + 128])

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 
 import cv2
@@ -252,10 +253,12 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
   return decode_image(read_bytes(path), str(path), max_pixels=max_pixels)
 
 
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-  """Writes (H, W, 3) uint8 RGB as PNG atomically (temporary sibling + rename)."""
+def write_png(path: str | os.PathLike, rgb: np.ndarray, compression: int | None = None) -> None:
+  """Writes (H, W, 3) uint8 RGB as PNG atomically (temporary sibling + rename); compression 0-9 (None:
+  OpenCV's default)."""
   path = os.fspath(path)
-  ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+  params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+  ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), params)
   if not ok:
     raise OSError(f"{path}: PNG encoding failed")
   tmp = f"{path}.tmp{os.getpid()}"
@@ -271,3 +274,10 @@ def write_json(path: str | os.PathLike, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+  """Deletes the '<file>.tmp<pid>' leftovers of atomic writes that an interrupted run left in folder."""
+  for f in os.listdir(folder):
+    if re.search(r"\.tmp\d+$", f):
+      os.remove(os.path.join(folder, f))

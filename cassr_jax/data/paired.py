@@ -15,7 +15,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import time
 from collections.abc import Callable
 
@@ -31,7 +30,7 @@ KEYS = ("hr", "lr", "lr_up")
 
 def _example_names(src) -> list[str]:
   if isinstance(src, sources.FolderSource):
-    stems = [re.sub(r"[^\w.-]", "_", os.path.splitext(f)[0].replace(os.sep, "__")) for f in src.files]
+    stems = [sources.safe_stem(f) for f in src.files]
     if len(set(stems)) == len(stems):
       return stems
   return [f"{i:06d}" for i in range(len(src))]
@@ -80,9 +79,7 @@ def make_paired_set(source: str, out_dir: str, *, seed: int = 0, preset: str = "
     images.write_json(meta_path, {"settings": settings})
   for k in KEYS + (("ref",) if activation is not None else ()):
     os.makedirs(os.path.join(out_dir, k), exist_ok=True)
-    for f in os.listdir(os.path.join(out_dir, k)):  # temporaries of an interrupted run
-      if re.search(r"\.png\.tmp\d+$", f):
-        os.remove(os.path.join(out_dir, k, f))
+    images.remove_stale_temporaries(os.path.join(out_dir, k))
 
   src = sources.source_from_spec(spec, check="header", min_size=crop if (crop and small_images == "skip") else 1)
   names = _example_names(src)

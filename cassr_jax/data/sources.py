@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,11 @@ SOURCE_KINDS = ("folder", "tfds", "paired")
 
 class DataError(ValueError):
   """A data source or data config that cannot be used (the message says which and why)."""
+
+
+def safe_stem(rel_path: str) -> str:
+  """A flat file-name stem for a relative path: folders joined by '__', other odd characters as '_'."""
+  return re.sub(r"[^\w.-]", "_", os.path.splitext(rel_path)[0].replace(os.sep, "__"))
 
 
 def list_images(root: str, extensions=images.IMAGE_EXTENSIONS) -> list[str]:

@@ -31,7 +31,6 @@ import re
 import time
 
 import cv2
-import numpy as np
 
 from cassr_jax.data import images, sources
 
@@ -73,23 +72,8 @@ def tile_boxes(height: int, width: int, s: TileSettings) -> list[tuple[int, int,
           for l in subimage_starts(width, s.crop, s.step, s.thresh_size)]
 
 
-def _stem(rel: str) -> str:
-  return re.sub(r"[^\w.-]", "_", os.path.splitext(rel)[0].replace(os.sep, "__"))
-
-
 def _tile_path(out_dir: str, stem: str, k: int) -> str:
   return os.path.join(out_dir, f"{stem}_s{k:03d}.png")
-
-
-def _write_png(path: str, rgb: np.ndarray, level: int) -> None:
-  ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
-                         [cv2.IMWRITE_PNG_COMPRESSION, int(level)])
-  if not ok:
-    raise OSError(f"{path}: PNG encoding failed")
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(buf.tobytes())
-  os.replace(tmp, path)
 
 
 class _ImageTiler:
@@ -101,7 +85,7 @@ class _ImageTiler:
   def __call__(self, rel: str) -> tuple[int, int, str | None]:
     cv2.setNumThreads(1)
     path = os.path.join(self.root, rel)
-    stem = _stem(rel)
+    stem = sources.safe_stem(rel)
     try:
       info = images.probe_image(path, path, max_pixels=self.max_pixels)
       boxes = tile_boxes(info.height, info.width, self.settings)
@@ -114,7 +98,7 @@ class _ImageTiler:
     for k, (t, l, th, tw) in enumerate(boxes):
       target = _tile_path(self.out_dir, stem, k)
       if not os.path.exists(target):
-        _write_png(target, img[t:t + th, l:l + tw], self.settings.png_compression)
+        images.write_png(target, img[t:t + th, l:l + tw], self.settings.png_compression)
         written += 1
     return written, len(boxes) - written, None
 
@@ -152,9 +136,7 @@ def extract_tiles(inputs: dict[str, str] | list[tuple[str, str]], out_root: str,
       files = files[:int(limits[name])]
     out_dir = os.path.join(out_root, name)
     os.makedirs(out_dir, exist_ok=True)
-    for f in os.listdir(out_dir):  # temporaries of an interrupted run
-      if re.search(r"\.png\.tmp\d+$", f):
-        os.remove(os.path.join(out_dir, f))
+    images.remove_stale_temporaries(out_dir)
     tiler = _ImageTiler(root, out_dir, settings, max_pixels)
     counts = {"images": len(files), "tiles_written": 0, "tiles_kept": 0, "skipped": 0}
     bad: list[str] = []
