@@ -367,6 +367,7 @@ def test_determinism_same_triple_same_bits_any_order():
 def test_x4plus_lr_chroma_noise_diffjpeg_vs_libjpeg():
   """Issue 13's measurement at small scale: the LR's chroma noise is higher with DiffJPEG than with libjpeg."""
   from skimage import data
+
   from cassr_jax.data import jpeg
   photos = [data.astronaut(), data.coffee(), data.chelsea()]
   rng = np.random.default_rng(0)
@@ -375,10 +376,12 @@ def test_x4plus_lr_chroma_noise_diffjpeg_vs_libjpeg():
     p = photos[i % 3]
     t, l = rng.integers(0, p.shape[0] - 128), rng.integers(0, p.shape[1] - 128)
     hr = np.ascontiguousarray(p[t:t + 128, l:l + 128])
-    for codec in noise:
+    for codec, values in noise.items():
       c = D.x4plus_preset()
       c.jpeg_codec = codec
-      noise[codec].append(jpeg.chroma_noise(D.degrade(hr, c, D.example_seed(0, 0, i))["lr"]))
+      values.append(jpeg.chroma_noise(D.degrade(hr, c, D.example_seed(0, 0, i))["lr"]))
   ours, real = np.array(noise["diffjpeg"]), np.array(noise["libjpeg"])
   assert np.median(ours) > 1.5 * np.median(real), (np.median(ours), np.median(real))
-  assert stats.mannwhitneyu(ours, real, alternative="greater").pvalue < 1e-4
+  # Paired by (HR crop, seed): the same degradation with either codec.
+  assert np.mean(ours > real) > 0.9
+  assert stats.wilcoxon(ours, real, alternative="greater").pvalue < 1e-5

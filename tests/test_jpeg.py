@@ -23,7 +23,6 @@ def _torch_diffjpeg(rgb: np.ndarray, quality: float) -> np.ndarray:
   x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
   h, w = x.shape[-2:]
   x = F.pad(x, (0, -w % 16, 0, -h % 16), mode="constant", value=0.0)
-  hh, ww = x.shape[-2:]
   to_ycc = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]).T
   ycc = torch.tensordot((x * 255).permute(0, 2, 3, 1), to_ycc, dims=1) + torch.tensor([0.0, 128.0, 128.0])
   planes = [ycc[..., 0]] + [F.avg_pool2d(ycc[..., c][:, None], 2, 2)[:, 0] for c in (1, 2)]

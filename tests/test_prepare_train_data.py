@@ -3,7 +3,6 @@ import json
 import os
 import runpy
 
-import cv2
 import numpy as np
 import pytest
 
@@ -51,7 +50,8 @@ def test_extract_tiles_lossless_resumable_and_reports_bad_files(folders):
     tile = images.read_image(os.path.join(out, "A", f"x_s{k:03d}.png"))
     np.testing.assert_array_equal(tile, imgs["A/x.png"][t:t + th, l:l + tw])  # lossless, BasicSR boxes
   assert images.read_image(os.path.join(out, "B", "sub__y_s001.png")).shape == (128, 90, 3)
-  meta = json.load(open(os.path.join(out, "meta.json")))
+  with open(os.path.join(out, "meta.json")) as f:
+    meta = json.load(f)
   assert meta["datasets"]["A"]["skipped"] == ["broken.png", "empty.jpg"] and meta["settings"]["crop"] == 128
   # Resume: a lost tile and a stray temporary; only the lost tile is written again.
   os.remove(os.path.join(out, "A", "x_s002.png"))

@@ -52,8 +52,17 @@ import numpy as np
 
 from cassr_jax.data import jpeg as jpeg_codecs
 from cassr_jax.data.presets import (  # noqa: F401 - presets re-exported for existing callers
-    KERNEL_TYPES, PRESETS, RESIZE_DIRECTIONS, RESIZE_MODES, Settings, _Stage, mild_preset, preset, settings,
-    x4plus_preset)
+  KERNEL_TYPES,
+  PRESETS,
+  RESIZE_DIRECTIONS,
+  RESIZE_MODES,
+  Settings,
+  _Stage,
+  mild_preset,
+  preset,
+  settings,
+  x4plus_preset,
+)
 from cassr_jax.image_ops import to_uint8
 
 _CV2_RESIZE = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}

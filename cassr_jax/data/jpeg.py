@@ -145,7 +145,7 @@ def diffjpeg(img: np.ndarray, quality: float, *, bgr: bool = False) -> np.ndarra
 def libjpeg(img: np.ndarray, quality: float) -> np.ndarray:
   """Real JPEG round trip (libjpeg via OpenCV, 4:2:0) of a float32 BGR image in [0, 1]; quality rounded."""
   u8 = to_uint8(img)
-  ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, int(round(quality))])
+  ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, round(quality)])
   if not ok:
     raise RuntimeError("JPEG encoding failed")
   out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)

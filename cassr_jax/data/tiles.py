@@ -142,25 +142,25 @@ def extract_tiles(inputs: dict[str, str] | list[tuple[str, str]], out_root: str,
     bad: list[str] = []
     t0 = time.time()
 
-    def finish(rel, res):
-      written, kept, error = res
-      counts["tiles_written"] += written
-      counts["tiles_kept"] += kept
-      if error is not None:
-        counts["skipped"] += 1
-        bad.append(rel)
-        images.warn_once(os.path.join(root, rel), error)
-
     if workers > 0:
       ctx = multiprocessing.get_context("spawn")
-      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        for i, (rel, res) in enumerate(zip(files, pool.map(tiler, files, chunksize=4))):
-          finish(rel, res)
-          if (i + 1) % 200 == 0:
-            logger.info("%s: %d/%d images (%.0f s)", name, i + 1, len(files), time.time() - t0)
+      pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+      results_iter = pool.map(tiler, files, chunksize=4)
     else:
-      for rel in files:
-        finish(rel, tiler(rel))
+      pool, results_iter = None, map(tiler, files)
+    try:
+      for i, (rel, (written, kept, error)) in enumerate(zip(files, results_iter)):
+        counts["tiles_written"] += written
+        counts["tiles_kept"] += kept
+        if error is not None:
+          counts["skipped"] += 1
+          bad.append(rel)
+          images.warn_once(os.path.join(root, rel), error)
+        if (i + 1) % 200 == 0:
+          logger.info("%s: %d/%d images (%.0f s)", name, i + 1, len(files), time.time() - t0)
+    finally:
+      if pool is not None:
+        pool.shutdown()
     counts["tiles"] = counts["tiles_written"] + counts["tiles_kept"]
     results[name] = counts
     meta["datasets"][name] = {"source": os.path.abspath(root), "limit": limits.get(name), "images": len(files),
