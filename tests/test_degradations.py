@@ -8,6 +8,8 @@ import pytest
 from scipy import ndimage, special, stats
 
 from cassr_jax.data import degradations as D
+from cassr_jax.data import presets
+from cassr_jax.image_ops import to_uint8
 
 # Every statistical check below uses a fixed seed (so it cannot flake) and the tolerance
 # Z_TOL binomial standard deviations, i.e. |observed - p| <= Z_TOL * sqrt(p (1 - p) / N).
@@ -147,10 +149,10 @@ def test_resize_noise_and_jpeg_statistics(x4plus_draws):
     assert cfg.poisson_scale_range[0] <= ps_scale.min() and ps_scale.max() <= cfg.poisson_scale_range[1]
     q = np.array([x.jpeg_quality for x in ps])
     lo, hi = cfg.jpeg_range
-    assert q.dtype.kind == "i" and q.min() == lo and q.max() == hi
-    counts = np.bincount(q - lo, minlength=hi - lo + 1)
-    # Uniform over the integers [lo, hi]: chi-square goodness of fit.
-    assert stats.chisquare(counts).pvalue > 1e-4
+    # DiffJPEG (the x4plus codec): a float quality ~ U[lo, hi], as Real-ESRGAN draws it.
+    assert s.jpeg_codec == "diffjpeg" and lo <= q.min() < lo + 0.1 and hi - 0.1 < q.max() <= hi
+    assert np.mean(q != np.round(q)) > 0.99
+    assert stats.kstest(q, stats.uniform(lo, hi - lo).cdf).pvalue > 1e-4
   _assert_prob(sum(p.final_resize_first for p in draws), N_DRAWS, s.final_resize_first_prob, "final order")
   assert all(p.second_stage for p in draws)  # Real-ESRGAN always runs stage 2
   c = D.x4plus_preset()
@@ -160,12 +162,24 @@ def test_resize_noise_and_jpeg_statistics(x4plus_draws):
   _assert_prob(sum(D.sample_params(c, rng).second_stage for _ in range(n)), n, 0.3, "second stage")
 
 
+def test_libjpeg_quality_is_a_uniform_integer():
+  c = D.x4plus_preset()
+  c.jpeg_codec = "libjpeg"
+  rng = np.random.default_rng(11)
+  q = np.array([D.sample_params(c, rng).stage1.jpeg_quality for _ in range(2500)])
+  lo, hi = c.stage1.jpeg_range
+  assert np.all(q == np.round(q)) and q.min() == lo and q.max() == hi
+  counts = np.bincount(q.astype(int) - lo, minlength=hi - lo + 1)
+  assert stats.chisquare(counts).pvalue > 1e-4  # uniform over the integers [lo, hi]
+
+
 def test_mild_preset_ranges():
   s = D.settings(D.mild_preset())
   rng = np.random.default_rng(7)
   draws = [D.sample_params(s, rng) for _ in range(3000)]
   q2 = np.array([p.stage2.jpeg_quality for p in draws])
-  assert q2.min() >= 60 and q2.max() == 100
+  assert q2.min() >= 60 and 99.9 < q2.max() <= 100
+  assert s.jpeg_codec == "diffjpeg"
   assert max(p.stage1.noise_sigma for p in draws) <= 15
   assert min(p.stage1.resize_scale for p in draws) >= 0.3
   assert 0.45 < np.mean([p.stage2.blur for p in draws]) < 0.55
@@ -187,6 +201,10 @@ def test_config_validation_names_the_field():
     D.settings(c)
   with pytest.raises(ValueError, match="unknown degradation preset"):
     D.preset("nope")
+  c = D.x4plus_preset()
+  c.jpeg_codec = "mozjpeg"
+  with pytest.raises(ValueError, match="jpeg_codec"):
+    presets.settings(c)
 
 
 # ------------------------------------------------------------------------------------------- operations
@@ -242,17 +260,33 @@ def test_noise_fields():
 
 def test_jpeg_is_the_real_codec():
   img = _photo().astype(np.float32)[..., ::-1] / 255
-  ours = D.jpeg(np.ascontiguousarray(img), 40)
-  _, buf = cv2.imencode(".jpg", D.to_uint8(img), [cv2.IMWRITE_JPEG_QUALITY, 40])
-  np.testing.assert_array_equal(D.to_uint8(ours), cv2.imdecode(buf, cv2.IMREAD_UNCHANGED))
-  err = [np.abs(D.jpeg(np.ascontiguousarray(img), q) - img).mean() for q in (20, 60, 95)]
+  ours = D.jpeg(np.ascontiguousarray(img), 40, "libjpeg")
+  _, buf = cv2.imencode(".jpg", to_uint8(img), [cv2.IMWRITE_JPEG_QUALITY, 40])
+  np.testing.assert_array_equal(to_uint8(ours), cv2.imdecode(buf, cv2.IMREAD_UNCHANGED))
+  err = [np.abs(D.jpeg(np.ascontiguousarray(img), q, "libjpeg") - img).mean() for q in (20, 60, 95)]
   assert err[0] > err[1] > err[2] > 0
+
+
+@pytest.mark.parametrize("size", [(19, 23), (48, 40), (7, 90), (150, 131), (32, 20)])
+def test_area_resize_is_torch_adaptive_average_pooling(size):
+  import torch
+  from torch.nn import functional as F
+  img = np.random.default_rng(1).random((64, 80, 3)).astype(np.float32)
+  ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=size, mode="area")[0].permute(1, 2, 0)
+  ours = D.resize(img, *size, "area")
+  assert ours.shape == size + (3,) and ours.dtype == np.float32
+  np.testing.assert_allclose(ours, ref.numpy(), atol=2e-6)
+  # OpenCV's INTER_AREA is a different filter off integer factors (coverage weights).
+  if 64 % size[0] or 80 % size[1]:
+    assert np.abs(cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA) - ref.numpy()).max() > 1e-3
 
 
 def test_pipeline_wiring_with_neutral_parameters():
   """No blur, no resize, zero noise, JPEG 100, no sinc: the LR is the area-downsampled HR (up to JPEG)."""
   hr = _photo(64, 96)
-  s = D.settings(D.x4plus_preset())
+  c = D.x4plus_preset()
+  c.usm_sharpen = False
+  s = D.settings(c)
   pulse = D.KernelSpec("pulse", 1, 21)
   neutral = D.StageParams(blur=False, kernel=pulse, resize="keep", resize_scale=1.0, resize_mode="area",
                           noise="gaussian", gray_noise=False, noise_sigma=0.0, poisson_scale=0.0, jpeg_quality=100)
@@ -297,7 +331,7 @@ def test_output_sizes_dtype_and_range(scale, shape):
 
 def test_usm_sharpening_of_the_hr():
   c = D.x4plus_preset()
-  c.usm_sharpen = True
+  c.usm_target = True
   hr = _photo(64, 64)
   out = D.degrade(hr, c, D.example_seed(0, 0, 0))
   assert out["hr"].dtype == np.uint8 and out["hr"].shape == hr.shape
@@ -305,6 +339,13 @@ def test_usm_sharpening_of_the_hr():
   lap = lambda a: np.abs(cv2.Laplacian(a.astype(np.float32), cv2.CV_32F)).mean()  # noqa: E731
   assert lap(out["hr"]) > 1.1 * lap(hr)
   assert np.abs(out["hr"].astype(int) - hr).mean() < 10
+  # x4plus (as Real-ESRGAN): the LR is made from the sharpened HR, the target stays the plain HR.
+  plain_target = D.degrade(hr, D.x4plus_preset(), D.example_seed(0, 0, 0))
+  assert plain_target["hr"] is hr and np.array_equal(plain_target["lr"], out["lr"])
+  c.usm_sharpen, c.usm_target = False, False
+  unsharpened = D.degrade(hr, c, D.example_seed(0, 0, 0))["lr"]
+  assert not np.array_equal(unsharpened, out["lr"])
+  assert lap(out["lr"]) > lap(unsharpened)
 
 
 def test_determinism_same_triple_same_bits_any_order():
@@ -321,3 +362,26 @@ def test_determinism_same_triple_same_bits_any_order():
   p1 = D.sample_params(c, D.child_rng(D.example_seed(5, 2, 3), 0))
   p2 = D.sample_params(c, D.child_rng(D.example_seed(5, 2, 3), 0))
   assert p1 == p2
+
+
+def test_x4plus_lr_chroma_noise_diffjpeg_vs_libjpeg():
+  """Issue 13's measurement at small scale: the LR's chroma noise is higher with DiffJPEG than with libjpeg."""
+  from skimage import data
+
+  from cassr_jax.data import jpeg
+  photos = [data.astronaut(), data.coffee(), data.chelsea()]
+  rng = np.random.default_rng(0)
+  noise = {"diffjpeg": [], "libjpeg": []}
+  for i in range(24):
+    p = photos[i % 3]
+    t, l = rng.integers(0, p.shape[0] - 128), rng.integers(0, p.shape[1] - 128)
+    hr = np.ascontiguousarray(p[t:t + 128, l:l + 128])
+    for codec, values in noise.items():
+      c = D.x4plus_preset()
+      c.jpeg_codec = codec
+      values.append(jpeg.chroma_noise(D.degrade(hr, c, D.example_seed(0, 0, i))["lr"]))
+  ours, real = np.array(noise["diffjpeg"]), np.array(noise["libjpeg"])
+  assert np.median(ours) > 1.5 * np.median(real), (np.median(ours), np.median(real))
+  # Paired by (HR crop, seed): the same degradation with either codec.
+  assert np.mean(ours > real) > 0.8
+  assert stats.wilcoxon(ours, real, alternative="greater").pvalue < 1e-5

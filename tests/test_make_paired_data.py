@@ -1,20 +1,19 @@
-"""scripts/make_paired_data.py (fixed, resumable paired sets) and scripts/prepare_testsets.py."""
+"""Paired sets (cassr_jax.data.paired, scripts/make_paired_data.py) and test sets (cassr_jax.data.testsets,
+scripts/prepare_testsets.py)."""
 import json
 import os
-import sys
+import runpy
 
 import cv2
 import numpy as np
 import pytest
 
-from cassr_jax.data import images, pipeline, sources
+from cassr_jax.data import images, paired, pipeline, sources, testsets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import make_paired_data as mpd  # noqa: E402
-import prepare_testsets as pts  # noqa: E402
+# The CLIs, loaded from their files (scripts/ is not a package).
+make_paired_main = runpy.run_path(os.path.join(ROOT, "scripts", "make_paired_data.py"))["main"]
+prepare_testsets_main = runpy.run_path(os.path.join(ROOT, "scripts", "prepare_testsets.py"))["main"]
 
 
 def _save(path, rgb):
@@ -46,7 +45,7 @@ def _tree(out):
 
 def test_writes_a_deterministic_resumable_set(photo_dir, tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  counts = mpd.make_paired_set(f"folder:{photo_dir}", a, seed=7, crop=64)
+  counts = paired.make_paired_set(f"folder:{photo_dir}", a, seed=7, crop=64)
   assert counts == {"written": 4, "kept": 0, "skipped": 0, "refs": 0}  # small.png is dropped by the header check
   files = _tree(a)
   assert len(files) == 12
@@ -57,7 +56,7 @@ def test_writes_a_deterministic_resumable_set(photo_dir, tmp_path):
   ref_up = cv2.resize(lr.astype(np.float32) / 255, (64, 64), interpolation=cv2.INTER_CUBIC)
   assert np.abs(up / 255.0 - np.clip(ref_up, 0, 1)).max() <= 0.5 / 255 + 1e-6
   # Same command elsewhere, in 2 worker processes: the same bytes.
-  mpd.make_paired_set(f"folder:{photo_dir}", b, seed=7, crop=64, workers=2)
+  paired.make_paired_set(f"folder:{photo_dir}", b, seed=7, crop=64, workers=2)
   assert _tree(b) == files
   # Interrupted run: files lost, a stray temporary left; rerun restores exactly those, keeps the others.
   os.remove(os.path.join(a, "lr", "img2.png"))
@@ -65,14 +64,14 @@ def test_writes_a_deterministic_resumable_set(photo_dir, tmp_path):
   with open(os.path.join(a, "lr", "img2.png.tmp123"), "wb") as f:
     f.write(b"partial")
   kept = os.stat(os.path.join(a, "hr", "img0.png")).st_mtime_ns
-  counts = mpd.make_paired_set(f"folder:{photo_dir}", a, seed=7, crop=64)
+  counts = paired.make_paired_set(f"folder:{photo_dir}", a, seed=7, crop=64)
   assert counts["written"] == 2 and counts["kept"] == 2
   assert _tree(a) == files
   assert os.stat(os.path.join(a, "hr", "img0.png")).st_mtime_ns == kept
   # Another seed in the same folder is refused; another seed elsewhere differs.
-  with pytest.raises(SystemExit, match="different settings"):
-    mpd.make_paired_set(f"folder:{photo_dir}", a, seed=8, crop=64)
-  mpd.make_paired_set(f"folder:{photo_dir}", str(tmp_path / "c"), seed=8, crop=64)
+  with pytest.raises(sources.DataError, match="different settings"):
+    paired.make_paired_set(f"folder:{photo_dir}", a, seed=8, crop=64)
+  paired.make_paired_set(f"folder:{photo_dir}", str(tmp_path / "c"), seed=8, crop=64)
   other = _tree(str(tmp_path / "c"))
   assert other["hr/img0.png"] != files["hr/img0.png"] or other["lr/img0.png"] != files["lr/img0.png"]
   meta = json.load(open(os.path.join(a, "meta.json")))
@@ -81,13 +80,13 @@ def test_writes_a_deterministic_resumable_set(photo_dir, tmp_path):
 
 def test_references_and_reading_the_set_back(photo_dir, tmp_path):
   out = str(tmp_path / "refs")
-  mpd.make_paired_set(f"folder:{photo_dir}", out, seed=1, crop=64, limit=3)
+  paired.make_paired_set(f"folder:{photo_dir}", out, seed=1, crop=64, limit=3)
 
   def nearest_x4(lr):  # a stand-in activation with the interface's shapes
     return np.repeat(np.repeat(lr, 4, 1), 4, 2)
 
   calls = []
-  counts = mpd.make_paired_set(f"folder:{photo_dir}", out, seed=1, crop=64, limit=3,
+  counts = paired.make_paired_set(f"folder:{photo_dir}", out, seed=1, crop=64, limit=3,
                                activation=lambda lr: calls.append(len(lr)) or nearest_x4(lr), activation_batch=2)
   assert calls == [2, 1]  # batched
   assert counts["written"] == 0 and counts["kept"] == 3 and counts["refs"] == 3
@@ -109,25 +108,25 @@ def test_references_and_reading_the_set_back(photo_dir, tmp_path):
     pass
   else:
     cli_out = str(tmp_path / "cli_refs")
-    assert mpd.main(["--source", f"folder:{photo_dir}", "--out", cli_out, "--crop", "64", "--limit", "2",
+    assert make_paired_main(["--source", f"folder:{photo_dir}", "--out", cli_out, "--crop", "64", "--limit", "2",
                      "--activation", "bicubic"]) == 0
     up = images.read_image(os.path.join(cli_out, "lr_up", "img0.png")).astype(int)
     assert np.abs(images.read_image(os.path.join(cli_out, "ref", "img0.png")).astype(int) - up).max() <= 2
   with pytest.raises(ValueError, match="expected"):
-    mpd.make_paired_set(f"folder:{photo_dir}", str(tmp_path / "bad"), seed=1, crop=64, limit=1,
+    paired.make_paired_set(f"folder:{photo_dir}", str(tmp_path / "bad"), seed=1, crop=64, limit=1,
                         activation=lambda lr: lr)
 
 
 def test_cli_whole_images_and_errors(photo_dir, tmp_path, capsys):
   out = str(tmp_path / "whole")
-  assert mpd.main(["--source", f"folder:{photo_dir}", "--out", out, "--crop", "0", "--limit", "2"]) == 0
+  assert make_paired_main(["--source", f"folder:{photo_dir}", "--out", out, "--crop", "0", "--limit", "2"]) == 0
   hr = images.read_image(os.path.join(out, "hr", "img0.png"))
   src = images.read_image(os.path.join(photo_dir, "img0.png"))
   np.testing.assert_array_equal(hr, src[:src.shape[0] // 4 * 4, :src.shape[1] // 4 * 4])  # uncropped
   assert images.read_image(os.path.join(out, "lr", "img0.png")).shape == (hr.shape[0] // 4, hr.shape[1] // 4, 3)
   empty = tmp_path / "empty"
   empty.mkdir()
-  assert mpd.main(["--source", f"folder:{empty}", "--out", str(tmp_path / "x")]) == 2
+  assert make_paired_main(["--source", f"folder:{empty}", "--out", str(tmp_path / "x")]) == 2
   assert "no usable image" in capsys.readouterr().err
 
 
@@ -155,7 +154,7 @@ def _real_like(root, layout, n=3, scale=4, rng=None):
 def test_real_testsets_centre_crops_stay_aligned(tmp_path, layout):
   pairs = _real_like(str(tmp_path / "in"), layout)
   out = str(tmp_path / "out")
-  assert pts.main([layout, "--root", str(tmp_path / "in"), "--out", out]) == 0
+  assert prepare_testsets_main([layout, "--root", str(tmp_path / "in"), "--out", out]) == 0
   meta = json.load(open(os.path.join(out, "meta.json")))
   assert meta["count"] == 3 and sorted(meta["names"]) == sorted(pairs)
   for name, (hr_full, lr_full) in pairs.items():
@@ -170,15 +169,15 @@ def test_real_testsets_centre_crops_stay_aligned(tmp_path, layout):
 
 def test_same_size_lr_is_downsampled_and_small_pairs_rejected():
   hr = np.random.default_rng(0).integers(0, 256, (600, 640, 3), dtype=np.uint8)
-  h, l = pts.center_crop_pair(hr, hr.copy(), scale=4, lr_crop=128, name="old_realsr")
+  h, l = testsets.center_crop_pair(hr, hr.copy(), scale=4, lr_crop=128, name="old_realsr")
   assert h.shape == (512, 512, 3) and l.shape == (128, 128, 3)
   with pytest.raises(images.ImageError, match="smaller than the 128 crop"):
-    pts.center_crop_pair(hr[:400], hr[:100, :100], scale=4, lr_crop=128, name="small")
+    testsets.center_crop_pair(hr[:400], hr[:100, :100], scale=4, lr_crop=128, name="small")
 
 
 def test_div2k_validation_protocol(photo_dir, tmp_path):
   out = str(tmp_path / "div2k")
-  assert pts.main(["div2k-val", "--source", f"folder:{photo_dir}", "--out", out, "--seed", "3"]) == 0
+  assert prepare_testsets_main(["div2k-val", "--source", f"folder:{photo_dir}", "--out", out, "--seed", "3"]) == 0
   names = sorted(os.listdir(os.path.join(out, "hr")))
   assert len(names) == 5  # whole images: the small one is kept too
   for n in names:

@@ -1,17 +1,28 @@
 """Real-ESRGAN second-order degradation in numpy + OpenCV (runs in grain worker processes).
 
-Pipeline per HR crop (every number comes from the config; presets below):
-  0. optional USM sharpening of the HR (the sharpened HR is then both the target and the degradation input);
+Pipeline per HR crop (every number comes from the config; presets in cassr_jax.data.presets):
+  0. USM sharpening of the HR (`usm_sharpen`, on in x4plus as in Real-ESRGAN): the LR is made from the
+     sharpened HR; the returned target is the plain HR unless `usm_target` (Real-ESRGAN's L1/perceptual
+     target) asks for the sharpened one;
   1. stage 1: blur (one of six kernel families, or a 2-D sinc) -> random resize (up/down/keep, random mode)
-     -> Gaussian or Poisson noise (colour or gray) -> clip -> JPEG with a real codec;
+     -> Gaussian or Poisson noise (colour or gray) -> clip -> JPEG (`jpeg_codec`, see cassr_jax.data.jpeg);
   2. stage 2 (run with probability `second_stage_prob`, 1 in both presets): blur with probability
      `stage2.blur_prob` -> resize to (H/scale*s, W/scale*s) -> noise;
   3. with probability `final.resize_first_prob` [resize to H/scale + final sinc (probability
      `final.sinc_prob`), then JPEG with stage 2's quality], else [JPEG, then resize + final sinc];
   4. round to 8 bits.
 The HR itself must be a multiple of `scale` in both sides; the LR is exactly (H/scale, W/scale).
-Known differences from Real-ESRGAN's GPU code: JPEG is the real libjpeg codec with an integer quality
-(DiffJPEG there); the cv2 resizes differ from torch's at the borders and in 'area' up-scaling (see below).
+
+Resizes, against Real-ESRGAN's torch F.interpolate:
+  * 'area' is torch's: adaptive average pooling (output pixel i averages input pixels
+    floor(i*n/m) .. ceil((i+1)*n/m) - 1 with equal weights), computed with prefix sums, for down- and
+    up-scaling (equal to torch to float32 rounding, ~1e-6; tests/test_degradations.py). OpenCV's INTER_AREA
+    weights partially covered pixels by their coverage instead: 1.2-1.9 levels mean difference at x0.3 / x0.75.
+  * 'bilinear' / 'bicubic' are cv2 INTER_LINEAR / INTER_CUBIC, identical to torch's align_corners=False
+    resizes to an explicit size (half-pixel centres, a = -0.75, no antialiasing). Real-ESRGAN's stage-1
+    resize passes scale_factor instead (torch then maps output x to (x + 0.5) / s - 0.5 rather than
+    (x + 0.5) * n / m - 0.5): the two grids differ by less than one input pixel at the far border (at most
+    (n - floor(n s) / s), e.g. 0.6 px for n = 512, s = 0.77), a sub-pixel shift we do not reproduce.
 
 Determinism: every random choice is drawn from numpy Generators seeded by a SeedSequence built from
 (seed, epoch, example index) (`example_seed`); the scalar parameters come from one stream with a fixed number
@@ -19,8 +30,7 @@ of draws per image (drawn even when unused, so adding a branch never shifts late
 field from its own stream. The same triple gives the same LR bit for bit, whatever the worker or order.
 
 Implementation notes (speed; each is exact up to float32 rounding unless stated):
-  * images are processed as float32 BGR in [0, 1] (OpenCV's JPEG codec expects BGR, so no conversion is
-    needed around the two JPEG steps);
+  * images are processed as float32 BGR in [0, 1] (OpenCV's order; the JPEG codecs take BGR);
   * blur kernels are generated padded to `kernel_pad_to` (21) as in Real-ESRGAN, but filtered with their
     support only: entries below 1e-9 of the kernel maximum are trimmed (changes the result by < 5e-7),
     rank-1 kernels use cv2.sepFilter2D, and 13x13 to 17x17 kernels are split into row strips so that
@@ -28,10 +38,7 @@ Implementation notes (speed; each is exact up to float32 rounding unless stated)
     the kernel, never on timing, so results stay bit-reproducible);
   * Poisson noise is sampled exactly by inverse-CDF tables: the Poisson rate only takes 256 values
     (rounded 8-bit level x the power-of-two level count), so per-level quantile tables turn the draw into a
-    table look-up (about 4x faster than Generator.poisson);
-  * resize modes map to cv2 INTER_AREA / INTER_LINEAR / INTER_CUBIC. cv2 bilinear/bicubic use half-pixel
-    centres like torch's align_corners=False; for up-scaling cv2's INTER_AREA is close to nearest, where
-    torch's 'area' (adaptive average pooling) is too.
+    table look-up (about 4x faster than Generator.poisson).
 """
 from __future__ import annotations
 
@@ -39,239 +46,27 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Sequence
 
 import cv2
-import ml_collections
 import numpy as np
 
-KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
-RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
-RESIZE_DIRECTIONS = ("up", "down", "keep")
+from cassr_jax.data import jpeg as jpeg_codecs
+from cassr_jax.data.presets import (  # noqa: F401 - presets re-exported for existing callers
+  KERNEL_TYPES,
+  PRESETS,
+  RESIZE_DIRECTIONS,
+  RESIZE_MODES,
+  Settings,
+  _Stage,
+  mild_preset,
+  preset,
+  settings,
+  x4plus_preset,
+)
+from cassr_jax.image_ops import to_uint8
+
+_CV2_RESIZE = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 _GRAY_BGR = np.array([0.114, 0.587, 0.299], np.float32)  # ITU-R 601 luma weights in B, G, R order
-
-
-# --------------------------------------------------------------------------------------------------------
-# Presets
-# --------------------------------------------------------------------------------------------------------
-
-def _stage(*, blur_prob, sinc_prob, blur_sigma, betag_range, betap_range, resize_prob, resize_range,
-           noise_range, poisson_scale_range, jpeg_range, gaussian_noise_prob=0.5, gray_noise_prob=0.4):
-  return ml_collections.ConfigDict(dict(
-      blur_prob=blur_prob,
-      kernel_list=KERNEL_TYPES,
-      kernel_prob=(0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
-      sinc_prob=sinc_prob,
-      blur_sigma=blur_sigma,  # sigma_x and sigma_y are both drawn from this range
-      rotation_range=(-math.pi, math.pi),
-      betag_range=betag_range,  # generalized Gaussian shape: U[lo, 1] or U[1, hi] with probability 1/2 each
-      betap_range=betap_range,  # plateau shape, same rule
-      # sinc cut-off omega ~ U[sinc_cutoff_small] for kernel size < sinc_small_size, else U[sinc_cutoff_large]
-      sinc_cutoff_small=(math.pi / 3, math.pi),
-      sinc_cutoff_large=(math.pi / 5, math.pi),
-      sinc_small_size=13,
-      resize_prob=resize_prob,  # probabilities of (up, down, keep)
-      resize_range=resize_range,  # down: s ~ U[lo, 1], up: s ~ U[1, hi]
-      resize_modes=("area", "bilinear", "bicubic"),  # chosen uniformly
-      gaussian_noise_prob=gaussian_noise_prob,  # else Poisson
-      noise_range=noise_range,  # Gaussian sigma on the 0-255 scale
-      poisson_scale_range=poisson_scale_range,
-      gray_noise_prob=gray_noise_prob,
-      jpeg_range=jpeg_range,  # integer quality, uniform over [lo, hi] inclusive
-  ))
-
-
-def x4plus_preset() -> ml_collections.ConfigDict:
-  """Real-ESRGAN x4plus (train_realesrgan_x4plus.yml): the degradation the CasSR paper trains with."""
-  return ml_collections.ConfigDict(dict(
-      name="x4plus",
-      scale=4,
-      kernel_sizes=tuple(range(7, 22, 2)),  # odd sizes drawn uniformly for all three kernels
-      kernel_pad_to=21,
-      # DECISION: no USM by default; SD-based SR trains towards the plain HR (StableSR / SeeSR do too).
-      usm_sharpen=False,
-      usm_weight=0.5,
-      usm_radius=50,
-      usm_threshold=10,
-      stage1=_stage(blur_prob=1.0, sinc_prob=0.1, blur_sigma=(0.2, 3.0), betag_range=(0.5, 4.0),
-                    betap_range=(1.0, 2.0), resize_prob=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
-                    noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0), jpeg_range=(30, 95)),
-      stage2=_stage(blur_prob=0.8, sinc_prob=0.1, blur_sigma=(0.2, 1.5), betag_range=(0.5, 4.0),
-                    betap_range=(1.0, 2.0), resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
-                    noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5), jpeg_range=(30, 95)),
-      # Probability that stage 2 (blur, resize, noise) runs at all; Real-ESRGAN always runs it (1.0),
-      # some later pipelines skip it at random (e.g. ResShift's second_order_prob).
-      second_stage_prob=1.0,
-      final=ml_collections.ConfigDict(dict(
-          sinc_prob=0.8,  # else an identity (pulse) kernel
-          sinc_cutoff=(math.pi / 3, math.pi),
-          resize_modes=("area", "bilinear", "bicubic"),
-          resize_first_prob=0.5,  # [resize + sinc, then JPEG] vs [JPEG, then resize + sinc]
-      )),
-  ))
-
-
-def mild_preset() -> ml_collections.ConfigDict:
-  """The milder online degradation of StableSR / SeeSR."""
-  cfg = x4plus_preset()
-  cfg.name = "mild"
-  s1, s2 = cfg.stage1, cfg.stage2
-  s1.blur_sigma, s1.betag_range, s1.betap_range = (0.2, 1.5), (0.5, 2.0), (1.0, 1.5)
-  s1.resize_range, s1.noise_range, s1.poisson_scale_range = (0.3, 1.5), (1.0, 15.0), (0.05, 2.0)
-  s1.jpeg_range = (60, 95)
-  s2.blur_prob, s2.blur_sigma, s2.betag_range, s2.betap_range = 0.5, (0.2, 1.0), (0.5, 2.0), (1.0, 1.5)
-  s2.resize_range, s2.noise_range, s2.poisson_scale_range = (0.6, 1.2), (1.0, 12.0), (0.05, 1.0)
-  s2.jpeg_range = (60, 100)
-  return cfg
-
-
-PRESETS = {"x4plus": x4plus_preset, "mild": mild_preset}
-
-
-def preset(name: str) -> ml_collections.ConfigDict:
-  if name not in PRESETS:
-    raise ValueError(f"unknown degradation preset {name!r}; known: {sorted(PRESETS)}")
-  return PRESETS[name]()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Validated, plain-python view of the config (ConfigDict attribute access is slow in the hot loop)
-# --------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Stage:
-  blur_prob: float
-  kernel_list: tuple[str, ...]
-  kernel_cum: tuple[float, ...]
-  sinc_prob: float
-  blur_sigma: tuple[float, float]
-  rotation_range: tuple[float, float]
-  betag_range: tuple[float, float]
-  betap_range: tuple[float, float]
-  sinc_cutoff_small: tuple[float, float]
-  sinc_cutoff_large: tuple[float, float]
-  sinc_small_size: int
-  resize_cum: tuple[float, ...]
-  resize_range: tuple[float, float]
-  resize_modes: tuple[str, ...]
-  gaussian_noise_prob: float
-  noise_range: tuple[float, float]
-  poisson_scale_range: tuple[float, float]
-  gray_noise_prob: float
-  jpeg_range: tuple[int, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """Checked degradation settings (build with `settings(config)`)."""
-  scale: int
-  kernel_sizes: tuple[int, ...]
-  kernel_pad_to: int
-  usm_sharpen: bool
-  usm_weight: float
-  usm_radius: int
-  usm_threshold: float
-  stage1: _Stage
-  stage2: _Stage
-  final_sinc_prob: float
-  final_sinc_cutoff: tuple[float, float]
-  final_resize_modes: tuple[str, ...]
-  final_resize_first_prob: float
-  second_stage_prob: float
-
-
-def _prob(value, name):
-  value = float(value)
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(f"degradation config: {name}={value} is not a probability in [0, 1]")
-  return value
-
-
-def _range(value, name, lo=-math.inf, hi=math.inf, cast=float):
-  if not isinstance(value, Sequence) or len(value) != 2:
-    raise ValueError(f"degradation config: {name}={value!r} must be a (low, high) pair")
-  a, b = cast(value[0]), cast(value[1])
-  if not lo <= a <= b <= hi:
-    raise ValueError(f"degradation config: {name}={value!r} must satisfy {lo} <= low <= high <= {hi}")
-  return a, b
-
-
-def _around_one(value, name):
-  lo, hi = _range(value, name, lo=1e-3)
-  if not lo <= 1.0 <= hi:
-    raise ValueError(f"degradation config: {name}={value!r} must contain 1 (low <= 1 <= high)")
-  return lo, hi
-
-
-def _cumulative(probs, n, name):
-  probs = [float(p) for p in probs]
-  if len(probs) != n or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
-    raise ValueError(f"degradation config: {name}={tuple(probs)} must be {n} non-negative probabilities "
-                     "summing to 1")
-  return tuple(np.cumsum(probs) / sum(probs))
-
-
-def _modes(modes, name):
-  modes = tuple(modes)
-  bad = [m for m in modes if m not in RESIZE_MODES]
-  if not modes or bad:
-    raise ValueError(f"degradation config: {name} has unknown resize modes {bad}; known: {list(RESIZE_MODES)}")
-  return modes
-
-
-def _stage_settings(c, name) -> _Stage:
-  kernel_list = tuple(c.kernel_list)
-  bad = [k for k in kernel_list if k not in KERNEL_TYPES]
-  if bad:
-    raise ValueError(f"degradation config: {name}.kernel_list has unknown kernels {bad}; known: {KERNEL_TYPES}")
-  return _Stage(
-      blur_prob=_prob(c.blur_prob, f"{name}.blur_prob"),
-      kernel_list=kernel_list,
-      kernel_cum=_cumulative(c.kernel_prob, len(kernel_list), f"{name}.kernel_prob"),
-      sinc_prob=_prob(c.sinc_prob, f"{name}.sinc_prob"),
-      blur_sigma=_range(c.blur_sigma, f"{name}.blur_sigma", lo=1e-3),
-      rotation_range=_range(c.rotation_range, f"{name}.rotation_range"),
-      betag_range=_around_one(c.betag_range, f"{name}.betag_range"),
-      betap_range=_around_one(c.betap_range, f"{name}.betap_range"),
-      sinc_cutoff_small=_range(c.sinc_cutoff_small, f"{name}.sinc_cutoff_small", lo=1e-3, hi=math.pi),
-      sinc_cutoff_large=_range(c.sinc_cutoff_large, f"{name}.sinc_cutoff_large", lo=1e-3, hi=math.pi),
-      sinc_small_size=int(c.sinc_small_size),
-      resize_cum=_cumulative(c.resize_prob, 3, f"{name}.resize_prob"),
-      resize_range=_around_one(c.resize_range, f"{name}.resize_range"),
-      resize_modes=_modes(c.resize_modes, f"{name}.resize_modes"),
-      gaussian_noise_prob=_prob(c.gaussian_noise_prob, f"{name}.gaussian_noise_prob"),
-      noise_range=_range(c.noise_range, f"{name}.noise_range", lo=0.0),
-      poisson_scale_range=_range(c.poisson_scale_range, f"{name}.poisson_scale_range", lo=0.0),
-      gray_noise_prob=_prob(c.gray_noise_prob, f"{name}.gray_noise_prob"),
-      jpeg_range=_range(c.jpeg_range, f"{name}.jpeg_range", lo=1, hi=100, cast=int),
-  )
-
-
-def settings(config: ml_collections.ConfigDict | Settings) -> Settings:
-  """Validates a degradation ConfigDict (clear ValueError naming the field) and freezes it."""
-  if isinstance(config, Settings):
-    return config
-  sizes = tuple(int(k) for k in config.kernel_sizes)
-  pad_to = int(config.kernel_pad_to)
-  if not sizes or any(k % 2 == 0 or k < 1 or k > pad_to for k in sizes):
-    raise ValueError(f"degradation config: kernel_sizes={sizes} must be odd and <= kernel_pad_to={pad_to}")
-  if pad_to % 2 == 0:
-    raise ValueError(f"degradation config: kernel_pad_to={pad_to} must be odd")
-  scale = int(config.scale)
-  if scale < 1:
-    raise ValueError(f"degradation config: scale={scale} must be >= 1")
-  radius = int(config.usm_radius)
-  return Settings(
-      scale=scale, kernel_sizes=sizes, kernel_pad_to=pad_to,
-      usm_sharpen=bool(config.usm_sharpen), usm_weight=float(config.usm_weight),
-      usm_radius=radius + 1 if radius % 2 == 0 else radius, usm_threshold=float(config.usm_threshold),
-      stage1=_stage_settings(config.stage1, "stage1"), stage2=_stage_settings(config.stage2, "stage2"),
-      final_sinc_prob=_prob(config.final.sinc_prob, "final.sinc_prob"),
-      final_sinc_cutoff=_range(config.final.sinc_cutoff, "final.sinc_cutoff", lo=1e-3, hi=math.pi),
-      final_resize_modes=_modes(config.final.resize_modes, "final.resize_modes"),
-      final_resize_first_prob=_prob(config.final.resize_first_prob, "final.resize_first_prob"),
-      second_stage_prob=_prob(config.get("second_stage_prob", 1.0), "second_stage_prob"),
-  )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -418,7 +213,7 @@ class StageParams:
   gray_noise: bool
   noise_sigma: float  # 0-255 scale
   poisson_scale: float
-  jpeg_quality: int
+  jpeg_quality: float  # a float for diffjpeg; an integer value for libjpeg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,9 +226,14 @@ class DegradationParams:
   second_stage: bool = True  # False: stage 2's blur, resize and noise are skipped (the final step still runs)
 
 
-def _sample_stage(rng, st: _Stage, kernel: KernelSpec) -> StageParams:
-  u_blur, u_dir, t_scale, u_mode, u_noise, u_gray, t_sigma, t_poisson = rng.random(8)
-  quality = int(rng.integers(st.jpeg_range[0], st.jpeg_range[1] + 1))
+def _sample_stage(rng, st: _Stage, kernel: KernelSpec, codec: str) -> StageParams:
+  u_blur, u_dir, t_scale, u_mode, u_noise, u_gray, t_sigma, t_poisson, t_quality = rng.random(9)
+  q_lo, q_hi = st.jpeg_range
+  if codec == "libjpeg":  # integer quality, uniform over [lo, hi] inclusive
+    lo_i, hi_i = math.ceil(q_lo), math.floor(q_hi)
+    quality = float(min(lo_i + int(t_quality * (hi_i - lo_i + 1)), hi_i))
+  else:  # DiffJPEG: a float quality, as Real-ESRGAN draws it
+    quality = q_lo + t_quality * (q_hi - q_lo)
   direction = RESIZE_DIRECTIONS[min(int(np.searchsorted(st.resize_cum, u_dir, side="right")), 2)]
   lo, hi = st.resize_range
   if direction == "up":
@@ -450,7 +250,7 @@ def _sample_stage(rng, st: _Stage, kernel: KernelSpec) -> StageParams:
       noise="gaussian" if u_noise < st.gaussian_noise_prob else "poisson",
       gray_noise=bool(u_gray < st.gray_noise_prob),
       noise_sigma=float(n_lo + t_sigma * (n_hi - n_lo)),
-      poisson_scale=float(p_lo + t_poisson * (p_hi - p_lo)), jpeg_quality=quality)
+      poisson_scale=float(p_lo + t_poisson * (p_hi - p_lo)), jpeg_quality=float(quality))
 
 
 def sample_params(config, rng: np.random.Generator) -> DegradationParams:
@@ -459,8 +259,8 @@ def sample_params(config, rng: np.random.Generator) -> DegradationParams:
   k1 = _sample_kernel(rng, s.stage1, s.kernel_sizes, s.kernel_pad_to)
   k2 = _sample_kernel(rng, s.stage2, s.kernel_sizes, s.kernel_pad_to)
   final_sinc = _sample_final_sinc(rng, s)
-  stage1 = _sample_stage(rng, s.stage1, k1)
-  stage2 = _sample_stage(rng, s.stage2, k2)
+  stage1 = _sample_stage(rng, s.stage1, k1, s.jpeg_codec)
+  stage2 = _sample_stage(rng, s.stage2, k2, s.jpeg_codec)
   u_order, u_mode, u_second = rng.random(3)
   modes = s.final_resize_modes
   return DegradationParams(stage1, stage2, final_sinc, bool(u_order < s.final_resize_first_prob),
@@ -519,10 +319,41 @@ def _keep_channels(out, like):
   return out[..., None] if out.ndim == 2 and like.ndim == 3 else out
 
 
+def _area_axis(img: np.ndarray, size: int, axis: int) -> np.ndarray:
+  """Adaptive average pooling along one axis (torch's 'area'): output i averages inputs
+  floor(i n / size) .. ceil((i + 1) n / size) - 1. Summed as at most ceil(n / size) + 1 weighted gathers of
+  whole rows (columns), so the cost is about one pass over the input whatever the factor."""
+  n = img.shape[axis]
+  if n == size:
+    return img
+  i = np.arange(size)
+  start = i * n // size
+  length = -(-(i + 1) * n // size) - start  # ceil((i + 1) n / size) - start
+  shape = [1] * img.ndim
+  shape[axis] = size
+  out = None
+  for k in range(int(length.max())):
+    weight = np.where(k < length, 1.0 / length, 0.0).astype(np.float32).reshape(shape)
+    part = np.take(img, np.minimum(start + k, n - 1), axis=axis) * weight
+    out = part if out is None else np.add(out, part, out=out)
+  return out
+
+
+def area_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+  """torch F.interpolate(mode='area') = adaptive_avg_pool2d, for (H, W, C) float32, up or down."""
+  if img.shape[0] % height == 0 and img.shape[1] % width == 0:
+    # Integer factors: every window is whole, where OpenCV's INTER_AREA is the same average (and faster).
+    return _keep_channels(cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA), img)
+  return _area_axis(_area_axis(img, height, 0), width, 1)
+
+
 def resize(img: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+  """Resize to (height, width) with torch's semantics for 'area', 'bilinear' and 'bicubic' (module doc)."""
   if img.shape[0] == height and img.shape[1] == width:
     return img
-  return _keep_channels(cv2.resize(img, (width, height), interpolation=RESIZE_MODES[mode]), img)
+  if mode == "area":
+    return area_resize(img, height, width)
+  return _keep_channels(cv2.resize(img, (width, height), interpolation=_CV2_RESIZE[mode]), img)
 
 
 def gaussian_noise(rng, shape, sigma, gray) -> np.ndarray:
@@ -609,29 +440,26 @@ def poisson_noise(rng, img: np.ndarray, scale: float, gray: bool) -> np.ndarray:
   return noise
 
 
-def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
-  """Real JPEG round trip (libjpeg via OpenCV, 4:2:0) of a float32 BGR image in [0, 1]."""
-  u8 = to_uint8(img)
-  ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-  if not ok:
-    raise RuntimeError("JPEG encoding failed")
-  out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-  return _keep_channels(out, img).astype(np.float32) * np.float32(1 / 255)
-
-
-def to_uint8(img: np.ndarray) -> np.ndarray:
-  """clip(round(x * 255)) as uint8."""
-  return np.clip(np.rint(img * np.float32(255)), 0, 255).astype(np.uint8)
+def jpeg(img: np.ndarray, quality: float, codec: str = "libjpeg") -> np.ndarray:
+  """JPEG round trip of a float32 BGR image in [0, 1] with `codec` (see cassr_jax.data.jpeg)."""
+  return jpeg_codecs.jpeg_round_trip(img, quality, codec)
 
 
 def usm_sharpen(img: np.ndarray, weight: float, radius: int, threshold: float) -> np.ndarray:
-  """Unsharp masking with a soft threshold mask (Real-ESRGAN's USM, sigma from the radius)."""
-  blur = cv2.GaussianBlur(img, (radius, radius), 0)
-  residual = img - blur
-  mask = (np.abs(residual) * 255 > threshold).astype(np.float32)
-  soft = _keep_channels(cv2.GaussianBlur(mask, (radius, radius), 0), img)
-  sharp = np.clip(img + weight * residual, 0, 1)
-  return soft * sharp + (1 - soft) * img
+  """Unsharp masking with a soft threshold mask (Real-ESRGAN's USM, sigma from the radius).
+
+  soft * clip(img + weight * residual) + (1 - soft) * img, computed as img + soft * (sharp - img) in place.
+  """
+  residual = img - cv2.GaussianBlur(img, (radius, radius), 0)
+  _, mask = cv2.threshold(np.abs(residual), np.float32(threshold / 255), 1.0, cv2.THRESH_BINARY)
+  soft = _keep_channels(cv2.GaussianBlur(_keep_channels(mask, img), (radius, radius), 0), img)
+  residual *= np.float32(weight)
+  residual += img
+  sharp = np.clip(residual, 0, 1, out=residual)
+  sharp -= img
+  sharp *= soft
+  sharp += img
+  return sharp
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -677,7 +505,8 @@ def degrade_with_params(hr: np.ndarray, config, params: DegradationParams, seq: 
                         timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
   """Applies `params` to hr (H, W, 3) uint8 RGB; noise fields are drawn from streams 1 and 2 of `seq`.
 
-  Returns {'hr': uint8 RGB (USM-sharpened if configured), 'lr': uint8 RGB of size (H/scale, W/scale)}.
+  Returns {'hr': uint8 RGB (the target: USM-sharpened if usm_target), 'lr': uint8 RGB of size
+  (H/scale, W/scale)}.
   """
   s = settings(config)
   hr = np.asarray(hr)
@@ -690,10 +519,13 @@ def degrade_with_params(hr: np.ndarray, config, params: DegradationParams, seq: 
   img = cv2.cvtColor(hr, cv2.COLOR_RGB2BGR).astype(np.float32)
   img *= np.float32(1 / 255)
   tick("to_float")
-  if s.usm_sharpen:
-    img = usm_sharpen(img, s.usm_weight, s.usm_radius, s.usm_threshold)
+  sharp = None
+  if s.usm_sharpen or s.usm_target:
+    sharp = usm_sharpen(img, s.usm_weight, s.usm_radius, s.usm_threshold)
     tick("usm")
-  target = img
+  target = sharp if s.usm_target else None
+  if s.usm_sharpen:
+    img = sharp  # Real-ESRGAN degrades the sharpened HR
   noise1, noise2 = child_rng(seq, 1), child_rng(seq, 2)
   lh, lw = h // s.scale, w // s.scale
 
@@ -705,7 +537,7 @@ def degrade_with_params(hr: np.ndarray, config, params: DegradationParams, seq: 
   tick("resize1")
   out = _noise(out, p, noise1)
   tick("noise1")
-  out = jpeg(out, p.jpeg_quality)
+  out = jpeg(out, p.jpeg_quality, s.jpeg_codec)
   tick("jpeg1")
 
   # Stage 2 (its JPEG quality is used by the final step even when the stage is skipped).
@@ -724,17 +556,17 @@ def degrade_with_params(hr: np.ndarray, config, params: DegradationParams, seq: 
     out = resize(out, lh, lw, params.final_resize_mode)
     out = filter2d(out, sinc) if sinc is not None else out
     tick("final_resize_sinc")
-    out = jpeg(out, p.jpeg_quality)
+    out = jpeg(out, p.jpeg_quality, s.jpeg_codec)
     tick("jpeg2")
   else:
-    out = jpeg(out, p.jpeg_quality)
+    out = jpeg(out, p.jpeg_quality, s.jpeg_codec)
     tick("jpeg2")
     out = resize(out, lh, lw, params.final_resize_mode)
     out = filter2d(out, sinc) if sinc is not None else out
     tick("final_resize_sinc")
   lr = cv2.cvtColor(to_uint8(out), cv2.COLOR_BGR2RGB)
-  # The training target: the sharpened HR rounded to 8 bits (the LR was made from the unrounded one).
-  hr_out = cv2.cvtColor(to_uint8(target), cv2.COLOR_BGR2RGB) if s.usm_sharpen else hr
+  # The training target: the plain HR, or (usm_target) the sharpened HR rounded to 8 bits.
+  hr_out = cv2.cvtColor(to_uint8(target), cv2.COLOR_BGR2RGB) if target is not None else hr
   tick("round")
   return {"hr": hr_out, "lr": lr}
 

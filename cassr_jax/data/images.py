@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
+import re
 import warnings
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from cassr_jax.image_ops import to_uint8
 
 logger = logging.getLogger("cassr_jax.data")
 
@@ -45,6 +49,22 @@ def _cv2_decode(data: bytes):
   finally:
     if log is not None:
       log.setLogLevel(level)
+
+
+def _exif(im: Image.Image) -> Image.Exif:
+  """The EXIF block without decoding the pixels.
+
+  For PNG, Pillow's getexif() loads (decodes) the whole image to look for an eXIf chunk after the image
+  data, doubling the cost of reading a PNG; we read the eXIf chunk that precedes the image data (where
+  writers put it) and ignore a trailing one.
+  """
+  if im.format == "PNG":
+    exif = Image.Exif()
+    raw = im.info.get("exif")
+    if raw:
+      exif.load(raw)
+    return exif
+  return im.getexif()
 
 
 class ImageError(ValueError):
@@ -97,7 +117,7 @@ def probe_image(source: bytes | str | os.PathLike, name: str | None = None, *,
         width, height = im.size
         fmt, mode = im.format or "unknown", im.mode
         try:
-          orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+          orientation = int(_exif(im).get(_EXIF_ORIENTATION, 1) or 1)
         except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good image unusable
           orientation = 1
   except Image.DecompressionBombError as e:
@@ -202,7 +222,7 @@ def to_rgb8(a: np.ndarray, name: str = "<array>", *, bgr: bool = False) -> np.nd
     f = np.repeat(f, 3, axis=2)
   elif bgr:
     f = f[..., ::-1]
-  return np.ascontiguousarray(np.clip(np.rint(f * 255.0), 0, 255).astype(np.uint8))
+  return np.ascontiguousarray(to_uint8(f))
 
 
 def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -233,13 +253,31 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
   return decode_image(read_bytes(path), str(path), max_pixels=max_pixels)
 
 
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-  """Writes (H, W, 3) uint8 RGB as PNG atomically (temporary sibling + rename)."""
+def write_png(path: str | os.PathLike, rgb: np.ndarray, compression: int | None = None) -> None:
+  """Writes (H, W, 3) uint8 RGB as PNG atomically (temporary sibling + rename); compression 0-9 (None:
+  OpenCV's default)."""
   path = os.fspath(path)
-  ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+  params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+  ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), params)
   if not ok:
     raise OSError(f"{path}: PNG encoding failed")
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(buf.tobytes())
   os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+  """Writes obj as indented JSON atomically (temporary sibling + rename)."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+  """Deletes the '<file>.tmp<pid>' leftovers of atomic writes that an interrupted run left in folder."""
+  for f in os.listdir(folder):
+    if re.search(r"\.tmp\d+$", f):
+      os.remove(os.path.join(folder, f))

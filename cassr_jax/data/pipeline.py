@@ -14,13 +14,16 @@ Config (`default_data_config()`; the trainer embeds it as config.data):
                     folder (recursive image folder), tfds (a tensorflow-datasets name, e.g. 'div2k/bicubic_x4'
                     with image_key 'hr'), paired (a set written by scripts/make_paired_data.py). Several
                     sources are mixed by weight.
+  mix               'weights': source i is drawn with probability weight_i / sum(weights); 'size': with
+                    weight_i * len(source_i) (all 1: every image equally likely, as one concatenated folder;
+                    the paper's mixture, see paper_data_config).
   seed              seeds the shuffle and, with (epoch, example index), every random choice of an example.
   crop_size         HR crop (512 for SD-1.5); 0 = whole image (trimmed to a multiple of scale).
   small_images      'pad' (reflect-101 pad at the bottom/right up to the crop, as Real-ESRGAN does) or 'skip'.
   min_image_size    images with a side below this are always skipped (one warning each).
   hflip, rotate     augmentation: horizontal flip p=0.5; rotate adds vertical flip and transpose, p=0.5 each.
   scale             the SR factor; the same FieldReference as degradation.scale.
-  degradation       a degradations preset (x4plus_preset() / mild_preset()); every number is there.
+  degradation       a cassr_jax.data.presets preset (x4plus_preset() / mild_preset()); every number is there.
   batch_size        per host. drop_remainder: drop a last incomplete batch (only matters when num_epochs > 0).
   num_epochs        0 = repeat forever.   shuffle: global shuffle, reshuffled every epoch.
   num_workers       grain worker processes (0 = in the calling process); worker_buffer_size batches each.
@@ -46,8 +49,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from cassr_jax.data import degradations, images, sources
+from cassr_jax.data import degradations, images, presets, sources, tiles
 from cassr_jax.data.sources import DataError
+from cassr_jax.image_ops import to_uint8
 
 _CROP_STREAM = 3  # child stream of the example seed for crop/flip draws (0-2 belong to the degradation)
 
@@ -55,13 +59,14 @@ _CROP_STREAM = 3  # child stream of the example seed for crop/flip draws (0-2 be
 def default_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.sources = ml_collections.FieldReference("", field_type=object)  # a spec string or a list of dicts
+  c.mix = "weights"
   c.seed = 0
   c.crop_size = 512
   c.small_images = "pad"
   c.min_image_size = 16
   c.hflip = True
   c.rotate = False
-  c.degradation = degradations.x4plus_preset()
+  c.degradation = presets.x4plus_preset()
   c.scale = c.degradation.get_ref("scale")
   c.batch_size = 4
   c.drop_remainder = True
@@ -74,6 +79,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.check_images = "header"
   c.max_pixels = images.DEFAULT_MAX_PIXELS
   c.max_consecutive_failures = 100
+  return c
+
+
+def paper_data_config(tiles_root: str) -> ml_collections.ConfigDict:
+  """The paper's training data: DIV2K + DIV8K + Flickr2K + OST + the first 10K of FFHQ, random 512 crops
+  of the tiles that scripts/prepare_train_data.py wrote under tiles_root, every tile equally likely."""
+  c = default_data_config()
+  c.sources = tiles.paper_sources(tiles_root)
+  c.mix = "size"
   return c
 
 
@@ -112,7 +126,7 @@ class ExampleMaker:
 
   def __init__(self, config: ml_collections.ConfigDict, length: int, *, with_ref: bool = False,
                keep_names: bool = False):
-    self.deg = degradations.settings(config.degradation)
+    self.deg = presets.settings(config.degradation)
     if int(config.scale) != self.deg.scale:
       raise DataError(f"config.data.scale={config.scale} differs from degradation.scale={self.deg.scale}")
     self.scale = self.deg.scale
@@ -273,7 +287,7 @@ class OfflineExampleBuilder:
     ex = maker.make(src[index], 0, index)
     if ex is None:
       return index, None
-    return index, {"hr": ex["hr"], "lr": ex["lr"], "lr_up": degradations.to_uint8(ex["lr_up"])}
+    return index, {"hr": ex["hr"], "lr": ex["lr"], "lr_up": to_uint8(ex["lr_up"])}
 
 
 class _ToFloat:
@@ -296,7 +310,11 @@ def build_sources(config: ml_collections.ConfigDict):
                                     max_pixels=int(config.max_pixels)) for s in specs]
   paired = [isinstance(s, sources.PairedSource) for s in built]
   with_ref = all(paired) and all(s.has_ref for s in built)
-  return built, [s.weight for s in specs], with_ref
+  mix = str(config.get("mix", "weights"))
+  if mix not in ("weights", "size"):
+    raise DataError(f"config.data.mix={mix!r} must be 'weights' or 'size'")
+  weights = [s.weight * (len(b) if mix == "size" else 1) for s, b in zip(specs, built)]
+  return built, weights, with_ref
 
 
 def _process_shard(process_index, process_count):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +32,12 @@ class DataError(ValueError):
   """A data source or data config that cannot be used (the message says which and why)."""
 
 
-def _list_images(root: str, extensions=images.IMAGE_EXTENSIONS) -> list[str]:
+def safe_stem(rel_path: str) -> str:
+  """A flat file-name stem for a relative path: folders joined by '__', other odd characters as '_'."""
+  return re.sub(r"[^\w.-]", "_", os.path.splitext(rel_path)[0].replace(os.sep, "__"))
+
+
+def list_images(root: str, extensions=images.IMAGE_EXTENSIONS) -> list[str]:
   if not os.path.isdir(root):
     raise DataError(f"image folder {root!r} does not exist or is not a directory")
   found = []
@@ -80,7 +86,7 @@ class FolderSource:
   def __init__(self, root: str | os.PathLike, *, check: str = "header", min_size: int = 1,
                max_pixels: int = images.DEFAULT_MAX_PIXELS):
     self.root = os.fspath(root)
-    candidates = _list_images(self.root)
+    candidates = list_images(self.root)
     self.files, reasons = _check_files(self.root, candidates, check=check, min_size=min_size,
                                        max_pixels=max_pixels, what=f"image folder {self.root!r}")
     if not self.files:
@@ -141,7 +147,7 @@ class TfdsSource:
 
 def _stems(folder: str) -> dict[str, str]:
   out = {}
-  for rel in _list_images(folder):
+  for rel in list_images(folder):
     stem = os.path.splitext(rel)[0]
     out.setdefault(stem, rel)
   return out
