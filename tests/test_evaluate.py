@@ -1,0 +1,215 @@
+"""Evaluation front-end: pairing, batching/sharding, backends and unavailable metrics, reports, CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cassr_jax.data import images
+from cassr_jax.eval import evaluate as evaluate_lib
+from cassr_jax.eval import metrics as metrics_lib
+from cassr_jax.eval import report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _MSE:
+  """A full-reference test metric; records each batch's shape and sharding."""
+  name, kind, higher_is_better, backend = "t_mse", metrics_lib.FULL_REFERENCE, False, "jax"
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, pred, gt):
+    self.calls.append((pred.shape, len(pred.sharding.device_set)))
+    return jnp.mean((pred - gt) ** 2, axis=(1, 2, 3))
+
+
+class _Brightness:
+  name, kind, higher_is_better, backend = "t_bright", metrics_lib.NO_REFERENCE, True, "jax"
+
+  def __call__(self, pred, gt):
+    del gt
+    return jnp.mean(pred, axis=(1, 2, 3))
+
+
+class _MeanColourDistance:
+  """A distribution metric: squared distance between the two sets' mean colours."""
+  name, kind, higher_is_better, backend = "t_dist", metrics_lib.DISTRIBUTION, False, "jax"
+
+  def features(self, images_):
+    return jnp.mean(images_, axis=(1, 2))
+
+  def fid_from_features(self, a, b):
+    return float(np.sum((np.mean(a, 0) - np.mean(b, 0)) ** 2))
+
+
+class _Broken:
+  name, kind, higher_is_better, backend = "t_broken", metrics_lib.FULL_REFERENCE, False, "jax"
+
+  def __call__(self, pred, gt):
+    raise RuntimeError("kaboom")
+
+
+@pytest.fixture
+def test_metrics(monkeypatch):
+  entries = {"t_mse": _MSE(), "t_bright": _Brightness(), "t_dist": _MeanColourDistance(), "t_broken": _Broken()}
+  for name, metric in entries.items():
+    monkeypatch.setitem(metrics_lib.METRICS._entries, name, metric)  # noqa: SLF001 - test-only registrations
+  return entries
+
+
+def _write_set(root, rng, sizes, *, names=None, noise=0.05):
+  """pred/ and gt/ folders (pred = gt + noise); returns {name: (pred, gt)} as float arrays."""
+  out = {}
+  for d in ("pred", "gt"):
+    os.makedirs(root / d, exist_ok=True)
+  for i, (h, w) in enumerate(sizes):
+    name = names[i] if names else f"img{i:02d}"
+    gt = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    pred = np.clip(gt.astype(np.int16) + rng.integers(-int(noise * 255), int(noise * 255) + 1, gt.shape), 0,
+                   255).astype(np.uint8)
+    images.write_png(root / "gt" / f"{name}.png", gt)
+    images.write_png(root / "pred" / f"{name}.png", pred)
+    out[name] = (pred.astype(np.float64) / 255, gt.astype(np.float64) / 255)
+  return out
+
+
+def test_pairing_lists_every_problem(tmp_path, rng):
+  _write_set(tmp_path, rng, [(8, 8), (8, 8), (8, 8)], names=["a", "b", "c"])
+  os.remove(tmp_path / "gt" / "b.png")  # result without ground truth
+  images.write_png(tmp_path / "gt" / "d.png", np.zeros((8, 8, 3), np.uint8))  # ground truth without result
+  images.write_png(tmp_path / "gt" / "c.png", np.zeros((8, 12, 3), np.uint8))  # size mismatch
+  images.write_png(tmp_path / "pred" / "a.jpg", np.zeros((8, 8, 3), np.uint8))  # two files share a stem
+  with pytest.raises(evaluate_lib.PairingError) as e:
+    evaluate_lib.find_pairs(tmp_path / "pred", tmp_path / "gt")
+  msg = str(e.value)
+  assert len(e.value.problems) == 4, msg
+  assert "b.png: no ground truth" in msg and "d.png: no result" in msg
+  assert "c.png is 8x8" in msg and "c.png is 12x8" in msg and "a.jpg" in msg
+
+
+def test_pairing_by_stem_with_lq(tmp_path, rng):
+  _write_set(tmp_path, rng, [(8, 8), (8, 8)], names=["x", "y"])
+  os.makedirs(tmp_path / "lq")
+  images.write_png(tmp_path / "lq" / "x.png", np.zeros((2, 2, 3), np.uint8))
+  with pytest.raises(evaluate_lib.PairingError, match=r"y.png: no lq image named y"):
+    evaluate_lib.find_pairs(tmp_path / "pred", tmp_path / "gt", lq_dir=tmp_path / "lq")
+  images.write_png(tmp_path / "lq" / "y.png", np.zeros((2, 2, 3), np.uint8))
+  pairs = evaluate_lib.find_pairs(tmp_path / "pred", tmp_path / "gt", lq_dir=tmp_path / "lq")
+  assert [(p.name, os.path.basename(p.lq), p.width, p.height) for p in pairs] == [("x", "x.png", 8, 8),
+                                                                                    ("y", "y.png", 8, 8)]
+
+
+def test_evaluate_batches_by_size_pads_to_devices_and_matches_numpy(tmp_path, rng, test_metrics):
+  data = _write_set(tmp_path, rng, [(8, 8)] * 5 + [(12, 8)] * 2)
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse,t_bright,t_dist,musiq",
+                                 batch_size=4)
+  n_dev = len(jax.local_devices())
+  assert n_dev == 8
+  # 5 images of 8x8 -> batches of 4 and 1, 2 of 12x8 -> one batch; each padded to the 8 devices.
+  assert test_metrics["t_mse"].calls == [((8, 8, 8, 3), 8), ((8, 8, 8, 3), 8), ((8, 12, 8, 3), 8)]
+  for name, (pred, gt) in data.items():
+    np.testing.assert_allclose(result.per_image[name]["t_mse"], np.mean((pred - gt) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(result.per_image[name]["t_bright"], np.mean(pred), rtol=1e-5)
+  s = result.summary
+  np.testing.assert_allclose(s["t_mse"].value, np.mean([np.mean((p - g) ** 2) for p, g in data.values()]),
+                             rtol=1e-5)
+  mean_p = np.mean([p.mean((0, 1)) for p, _ in data.values()], 0)
+  mean_g = np.mean([g.mean((0, 1)) for _, g in data.values()], 0)
+  np.testing.assert_allclose(s["t_dist"].value, np.sum((mean_p - mean_g) ** 2), rtol=1e-4, atol=1e-9)
+  assert (s["t_mse"].status, s["t_mse"].backend, s["t_mse"].count) == ("ok", "jax", 7)
+  assert s["t_dist"].count == 7 and "t_dist" not in result.per_image["img00"]
+  # MUSIQ has no JAX implementation and pyiqa does not import here: unavailable with both reasons.
+  assert s["musiq"].status == "unavailable" and s["musiq"].value is None
+  assert "jax: LookupError" in s["musiq"].reason and "pyiqa:" in s["musiq"].reason
+
+
+def test_failing_metric_is_reported_not_numbered(tmp_path, rng, test_metrics):
+  _write_set(tmp_path, rng, [(8, 8)] * 2)
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics=["t_broken", "t_mse"])
+  assert result.summary["t_broken"].status == "failed" and "kaboom" in result.summary["t_broken"].reason
+  assert result.summary["t_broken"].value is None and result.summary["t_mse"].status == "ok"
+  md = report.summary_markdown(result)
+  assert "failed: RuntimeError: kaboom" in md
+
+
+def test_crop_border_applies_to_pixel_metrics(tmp_path, rng, monkeypatch, test_metrics):
+  class _PixelMSE(_MSE):
+    name = "psnr"
+  metric = _PixelMSE()
+  monkeypatch.setitem(metrics_lib.METRICS._entries, "psnr", metric)  # noqa: SLF001
+  data = _write_set(tmp_path, rng, [(10, 12)])
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="psnr,t_mse", crop_border=2)
+  pred, gt = data["img00"]
+  assert metric.calls[0][0] == (8, 6, 8, 3)
+  np.testing.assert_allclose(result.per_image["img00"]["psnr"], np.mean((pred - gt)[2:-2, 2:-2] ** 2), rtol=1e-5)
+  np.testing.assert_allclose(result.per_image["img00"]["t_mse"], np.mean((pred - gt) ** 2), rtol=1e-5)
+  with pytest.raises(ValueError, match="crop_border=5 leaves no pixels"):
+    evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="psnr", crop_border=5)
+
+
+def test_unreadable_image_is_skipped_and_reported(tmp_path, rng, test_metrics):
+  _write_set(tmp_path, rng, [(8, 8)] * 3)
+  data = open(tmp_path / "pred" / "img01.png", "rb").read()
+  open(tmp_path / "pred" / "img01.png", "wb").write(data[:60])  # header intact, pixels truncated
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse")
+  assert [n for n, _ in result.skipped] == ["img01"] and "img01" not in result.per_image
+  assert result.summary["t_mse"].count == 2
+
+
+def test_reports_table1_layout_csv_json(tmp_path, rng, test_metrics):
+  data = _write_set(tmp_path, rng, [(8, 8)] * 3)
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse,t_dist,niqe,fid,lpips")
+  paths = report.write_reports(result, tmp_path / "out", column="CasSR (ours)")
+  assert not [f for f in os.listdir(tmp_path / "out") if ".tmp" in f]
+  rows = list(csv.DictReader(open(paths["csv"])))
+  assert [r["name"] for r in rows] == sorted(data)
+  assert list(rows[0]) == ["name", "width", "height", "lpips", "niqe", "t_mse"]  # Table-1 order; no FID
+  np.testing.assert_allclose(float(rows[1]["t_mse"]), result.per_image["img01"]["t_mse"], rtol=1e-12)
+  assert rows[0]["lpips"] == ""  # unavailable: no number
+  md = open(paths["markdown"]).read()
+  lines = [line for line in md.splitlines() if line.startswith("| ")]
+  assert lines[0] == "| Metrics | CasSR (ours) | Backend |"
+  assert [line.split(" | ")[0] for line in lines[1:]] == ["| FID ↓", "| LPIPS ↓", "| NIQE ↓", "| T_MSE ↓",
+                                                          "| T_DIST ↓"]
+  assert f"| {result.summary['t_mse'].value:.4f} | jax |" in md
+  assert "| FID ↓ | – | unavailable: " in md
+  summary = json.load(open(paths["json"]))
+  by_name = {m["name"]: m for m in summary["metrics"]}
+  assert by_name["fid"]["value"] is None and by_name["fid"]["status"] == "unavailable"
+  assert by_name["t_dist"]["backend"] == "jax" and by_name["t_mse"]["count"] == 3 and summary["images"] == 3
+
+
+def test_parse_metric_list():
+  assert metrics_lib.parse_metric_list("paper")[:2] == ["fid", "dists"]
+  assert metrics_lib.parse_metric_list("psnr, ssim,psnr") == ["psnr", "ssim"]
+  with pytest.raises(ValueError, match="unknown metric"):
+    metrics_lib.parse_metric_list("psnr,bogus")
+
+
+def test_cli_writes_reports_and_rejects_bad_pairs(tmp_path, rng):
+  _write_set(tmp_path, rng, [(8, 8)] * 2)
+  os.makedirs(tmp_path / "lq")
+  for n in ("img00", "img01"):
+    images.write_png(tmp_path / "lq" / f"{n}.png", np.zeros((2, 2, 3), np.uint8))
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), "--pred", str(tmp_path / "pred"),
+         "--gt", str(tmp_path / "gt"), "--lq", str(tmp_path / "lq"), "--metrics", "musiq",
+         "--out", str(tmp_path / "out")]
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert "| MUSIQ ↑ | – | unavailable: " in done.stdout
+  assert sorted(os.listdir(tmp_path / "out")) == ["grids", "index.html", "per_image.csv", "summary.json",
+                                                  "summary.md"]
+  assert sorted(os.listdir(tmp_path / "out" / "grids")) == ["img00.png", "img01.png"]
+  os.remove(tmp_path / "gt" / "img01.png")
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and "img01.png: no ground truth" in done.stderr
