@@ -1,16 +1,19 @@
 """Evaluation front-end: pairing, batching/sharding, backends and unavailable metrics, reports, CLI."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
 import json
+import logging as std_logging
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from absl import logging as absl_logging
 
 from cassr_jax.data import images
 from cassr_jax.eval import evaluate as evaluate_lib
@@ -18,6 +21,23 @@ from cassr_jax.eval import metrics as metrics_lib
 from cassr_jax.eval import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def absl_testing_logs():
+  """Collects absl error messages (absl logs to the Python 'absl' logger)."""
+  messages = []
+
+  class _Collect(std_logging.Handler):
+    def emit(self, record):
+      messages.append(record.getMessage())
+
+  handler = _Collect(level=std_logging.ERROR)
+  absl_logging.get_absl_logger().addHandler(handler)
+  try:
+    yield messages
+  finally:
+    absl_logging.get_absl_logger().removeHandler(handler)
 
 
 class _MSE:
@@ -195,21 +215,29 @@ def test_parse_metric_list():
     metrics_lib.parse_metric_list("psnr,bogus")
 
 
-def test_cli_writes_reports_and_rejects_bad_pairs(tmp_path, rng):
+def _load_cli():
+  spec = importlib.util.spec_from_file_location("evaluate_cli", os.path.join(REPO, "scripts", "evaluate.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # defines the absl flags (once per process)
+  return module
+
+
+def test_cli_writes_reports_and_rejects_bad_pairs(tmp_path, rng, capsys):
   _write_set(tmp_path, rng, [(8, 8)] * 2)
   os.makedirs(tmp_path / "lq")
   for n in ("img00", "img01"):
     images.write_png(tmp_path / "lq" / f"{n}.png", np.zeros((2, 2, 3), np.uint8))
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), "--pred", str(tmp_path / "pred"),
-         "--gt", str(tmp_path / "gt"), "--lq", str(tmp_path / "lq"), "--metrics", "musiq",
-         "--out", str(tmp_path / "out")]
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-  assert done.returncode == 0, done.stderr
-  assert "| MUSIQ ↑ | – | unavailable: " in done.stdout
+  cli = _load_cli()
+  argv = ["evaluate.py", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--lq",
+          str(tmp_path / "lq"), "--metrics", "musiq", "--out", str(tmp_path / "out")]
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(argv)
+  assert cli.main([]) == 0
+  assert "| MUSIQ ↑ | – | unavailable: " in capsys.readouterr().out
   assert sorted(os.listdir(tmp_path / "out")) == ["grids", "index.html", "per_image.csv", "summary.json",
                                                   "summary.md"]
   assert sorted(os.listdir(tmp_path / "out" / "grids")) == ["img00.png", "img01.png"]
   os.remove(tmp_path / "gt" / "img01.png")
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-  assert done.returncode == 2 and "img01.png: no ground truth" in done.stderr
+  with absl_testing_logs() as logged:
+    assert cli.main([]) == 2
+  assert "img01.png: no ground truth" in "".join(logged)
