@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import io
 import json
 import logging as std_logging
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +84,7 @@ class _Broken:
 def test_metrics(monkeypatch):
   entries = {"t_mse": _MSE(), "t_bright": _Brightness(), "t_dist": _MeanColourDistance(), "t_broken": _Broken()}
   for name, metric in entries.items():
-    monkeypatch.setitem(metrics_lib.METRICS._entries, name, metric)  # noqa: SLF001 - test-only registrations
+    monkeypatch.setitem(metrics_lib.METRICS._entries, name, metric)  # test-only registrations
   return entries
 
 
@@ -131,9 +133,8 @@ def test_pairing_by_stem_with_lq(tmp_path, rng):
 def test_evaluate_batches_by_size_pads_to_devices_and_matches_numpy(tmp_path, rng, test_metrics):
   data = _write_set(tmp_path, rng, [(8, 8)] * 5 + [(12, 8)] * 2)
   result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse,t_bright,t_dist,musiq",
-                                 batch_size=4)
-  n_dev = len(jax.local_devices())
-  assert n_dev == 8
+                                 batch_size=4, devices=jax.devices("cpu"))
+  assert len(jax.devices("cpu")) == 8  # tests/conftest.py
   # 5 images of 8x8 -> batches of 4 and 1, 2 of 12x8 -> one batch; each padded to the 8 devices.
   assert test_metrics["t_mse"].calls == [((8, 8, 8, 3), 8), ((8, 8, 8, 3), 8), ((8, 12, 8, 3), 8)]
   for name, (pred, gt) in data.items():
@@ -165,7 +166,7 @@ def test_crop_border_applies_to_pixel_metrics(tmp_path, rng, monkeypatch, test_m
   class _PixelMSE(_MSE):
     name = "psnr"
   metric = _PixelMSE()
-  monkeypatch.setitem(metrics_lib.METRICS._entries, "psnr", metric)  # noqa: SLF001
+  monkeypatch.setitem(metrics_lib.METRICS._entries, "psnr", metric)
   data = _write_set(tmp_path, rng, [(10, 12)])
   result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="psnr,t_mse", crop_border=2)
   pred, gt = data["img00"]
@@ -178,8 +179,8 @@ def test_crop_border_applies_to_pixel_metrics(tmp_path, rng, monkeypatch, test_m
 
 def test_unreadable_image_is_skipped_and_reported(tmp_path, rng, test_metrics):
   _write_set(tmp_path, rng, [(8, 8)] * 3)
-  data = open(tmp_path / "pred" / "img01.png", "rb").read()
-  open(tmp_path / "pred" / "img01.png", "wb").write(data[:60])  # header intact, pixels truncated
+  data = (tmp_path / "pred" / "img01.png").read_bytes()
+  (tmp_path / "pred" / "img01.png").write_bytes(data[:60])  # header intact, pixels truncated
   result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse")
   assert [n for n, _ in result.skipped] == ["img01"] and "img01" not in result.per_image
   assert result.summary["t_mse"].count == 2
@@ -190,19 +191,19 @@ def test_reports_table1_layout_csv_json(tmp_path, rng, test_metrics):
   result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse,t_dist,niqe,fid,lpips")
   paths = report.write_reports(result, tmp_path / "out", column="CasSR (ours)")
   assert not [f for f in os.listdir(tmp_path / "out") if ".tmp" in f]
-  rows = list(csv.DictReader(open(paths["csv"])))
+  rows = list(csv.DictReader(io.StringIO(pathlib.Path(paths["csv"]).read_text(encoding="utf-8"))))
   assert [r["name"] for r in rows] == sorted(data)
   assert list(rows[0]) == ["name", "width", "height", "lpips", "niqe", "t_mse"]  # Table-1 order; no FID
   np.testing.assert_allclose(float(rows[1]["t_mse"]), result.per_image["img01"]["t_mse"], rtol=1e-12)
   assert rows[0]["lpips"] == ""  # unavailable: no number
-  md = open(paths["markdown"]).read()
+  md = pathlib.Path(paths["markdown"]).read_text(encoding="utf-8")
   lines = [line for line in md.splitlines() if line.startswith("| ")]
   assert lines[0] == "| Metrics | CasSR (ours) | Backend |"
   assert [line.split(" | ")[0] for line in lines[1:]] == ["| FID ↓", "| LPIPS ↓", "| NIQE ↓", "| T_MSE ↓",
                                                           "| T_DIST ↓"]
   assert f"| {result.summary['t_mse'].value:.4f} | jax |" in md
   assert "| FID ↓ | – | unavailable: " in md
-  summary = json.load(open(paths["json"]))
+  summary = json.loads(pathlib.Path(paths["json"]).read_text(encoding="utf-8"))
   by_name = {m["name"]: m for m in summary["metrics"]}
   assert by_name["fid"]["value"] is None and by_name["fid"]["status"] == "unavailable"
   assert by_name["t_dist"]["backend"] == "jax" and by_name["t_mse"]["count"] == 3 and summary["images"] == 3

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import cv2
 import numpy as np
 import pytest
+from test_evaluate import test_metrics  # noqa: F401  (fixture registering the t_* test metrics)
 
 from cassr_jax.data import images
 from cassr_jax.eval import benchmark
 from cassr_jax.eval import evaluate as evaluate_lib
-from test_evaluate import test_metrics  # noqa: F401  (fixture registering the t_* test metrics)
 
 
 def _prepared_set(root, rng, n=3, hr=32, scale=4):
@@ -63,11 +64,11 @@ def test_table1_runs_inference_evaluates_and_writes_next_to_paper(tmp_path, rng,
   assert entry["t_mse"]["value"] == pytest.approx(direct.summary["t_mse"].value, rel=1e-12)
   assert entry["t_mse"]["paper"] is None and entry["fid"]["value"] is None
   assert entry["fid"]["paper"]["CasSR"] == 139.0698 and entry["fid"]["status"] == "unavailable"
-  md = open(tmp_path / "bench" / "table1.md", encoding="utf-8").read()
+  md = pathlib.Path(tmp_path / "bench" / "table1.md").read_text(encoding="utf-8")
   assert "| RealSR | FID ↓ | 143.3876 |" in md and "| 139.0698 | – | unavailable: " in md
   assert "| DRealSR | FID ↓ | 157.0340 |" in md
   assert f"| {entry['t_mse']['value']:.4f} | jax |" in md
-  assert json.load(open(tmp_path / "bench" / "table1.json"))["datasets"]["DRealSR"]["fid"]["paper"]["HAT"] == 141.8644
+  assert json.loads(pathlib.Path(tmp_path / "bench" / "table1.json").read_text(encoding="utf-8"))["datasets"]["DRealSR"]["fid"]["paper"]["HAT"] == 141.8644
   for name in ("RealSR", "DRealSR"):
     assert os.path.exists(tmp_path / "bench" / name / "index.html")
     assert len(os.listdir(tmp_path / "bench" / name / "grids")) == 3
@@ -87,7 +88,7 @@ def test_ablation_rows(tmp_path, rng, test_metrics):  # noqa: F811
   # Nearest upsampling is further from the (smooth) HR than bicubic: the rows differ the expected way.
   assert ours["LR-Image"]["t_mse"]["value"] > ours["SCEdit"]["t_mse"]["value"] > 0
   assert ours["SCEdit"]["fid"]["paper"] == 30.7808 and ours["SCEdit"]["lpips"]["paper"] == 0.3175
-  md = open(tmp_path / "abl" / "table2.md", encoding="utf-8").read()
+  md = pathlib.Path(tmp_path / "abl" / "table2.md").read_text(encoding="utf-8")
   lines = md.splitlines()
   assert lines[2].startswith("| Reference | Source | FID ↓ | LPIPS ↓ | T_MSE ↓ |")
   assert "| LR-Image | paper | 33.1480 | 0.3216 | – |" in md
@@ -97,7 +98,7 @@ def test_ablation_rows(tmp_path, rng, test_metrics):  # noqa: F811
     benchmark.run_ablation(3, {"cfg+typo": None}, ts, tmp_path / "results", tmp_path / "abl3")
   data3 = benchmark.run_ablation(3, {"general+cfg": _upsampler(cv2.INTER_CUBIC, calls)}, ts, tmp_path / "results",
                                  tmp_path / "abl3", metrics="t_mse", grids=False)
-  md3 = open(tmp_path / "abl3" / "table3.md", encoding="utf-8").read()
+  md3 = pathlib.Path(tmp_path / "abl3" / "table3.md").read_text(encoding="utf-8")
   assert "| × | × | × | paper | – |" in md3  # 'none' row: metric t_mse has no paper value
   assert f"| ✓ | ✓ | × | ours | {data3['variants']['general+cfg']['t_mse']['value']:.4f} | jax |" in md3
 

@@ -53,8 +53,8 @@ def page_html(result: EvalResult, grids: Mapping[str, str], page_dir: str, *, ti
   parts = ["<!DOCTYPE html>", "<html lang=en><head><meta charset=utf-8>",
            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>",
-           f"<p>{len(result.per_image)} image pairs; result folder <code>{html.escape(result.config['pred_dir'])}"
-           f"</code>, ground truth <code>{html.escape(result.config['gt_dir'])}</code>.</p>",
+           (f"<p>{len(result.per_image)} image pairs; result folder <code>{html.escape(result.config['pred_dir'])}"
+            f"</code>, ground truth <code>{html.escape(result.config['gt_dir'])}</code>.</p>"),
            _summary_table(result)]
   if result.skipped:
     parts.append("<p>Skipped: " + ", ".join(html.escape(f"{n} ({why})") for n, why in result.skipped) + "</p>")

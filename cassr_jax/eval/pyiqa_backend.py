@@ -23,7 +23,7 @@ PYIQA_NAMES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_pyiqa(weights_dir: str | None):
   if weights_dir is not None:
     os.environ["TORCH_HOME"] = os.path.join(weights_dir, "torch")
