@@ -13,6 +13,7 @@ failed with the error; neither produces a number.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -148,6 +149,39 @@ def _read_pair(pair: ImagePair) -> tuple[np.ndarray, np.ndarray]:
   return image_ops.to_float01(pred), image_ops.to_float01(gt)
 
 
+def _read_batches(pairs: Sequence[ImagePair], batch_size: int):
+  """Yields (pairs, preds, gts, [(name, reason) of unreadable pairs]) per batch of equal-size images.
+  Decoding (OpenCV releases the GIL) runs in threads, and the next batch is read while the caller scores
+  the current one."""
+  groups: dict[tuple[int, int], list[ImagePair]] = collections.defaultdict(list)
+  for p in pairs:
+    groups[(p.height, p.width)].append(p)
+  chunks = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+  def read(pair: ImagePair):
+    try:
+      return _read_pair(pair)
+    except images.ImageError as e:
+      return e
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    submitted = [pool.submit(read, p) for p in chunks[0]] if chunks else []
+    for index, chunk in enumerate(chunks):
+      current = submitted
+      if index + 1 < len(chunks):
+        submitted = [pool.submit(read, p) for p in chunks[index + 1]]
+      good, preds, gts, bad = [], [], [], []
+      for pair, future in zip(chunk, current):
+        item = future.result()
+        if isinstance(item, images.ImageError):
+          bad.append((pair.name, str(item)))
+        else:
+          good.append(pair)
+          preds.append(item[0])
+          gts.append(item[1])
+      yield good, preds, gts, bad
+
+
 def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, metrics: str | Sequence[str] | None = None,
              lq_dir: str | os.PathLike | None = None, ref_dir: str | os.PathLike | None = None,
              crop_border: int = 0, weights_dir: str | os.PathLike | None = None, batch_size: int = 8,
@@ -186,24 +220,11 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, metrics:
     summary[n].status, summary[n].reason = FAILED, f"{type(e).__name__}: {e}"
     running.pop(n, None)
 
-  groups: dict[tuple[int, int], list[ImagePair]] = collections.defaultdict(list)
-  for p in pairs:
-    groups[(p.height, p.width)].append(p)
-  for group in groups.values():
-    for start in range(0, len(group), batch_size):
-      chunk, preds, gts = [], [], []
-      for pair in group[start:start + batch_size]:
-        try:
-          pred, gt = _read_pair(pair)
-        except images.ImageError as e:
-          logger.error("skipping %s: %s", pair.name, e)
-          skipped.append((pair.name, str(e)))
-          continue
-        chunk.append(pair)
-        preds.append(pred)
-        gts.append(gt)
-      if not chunk:
-        continue
+  for chunk, preds, gts, bad in _read_batches(pairs, batch_size):
+    for name, reason in bad:
+      logger.error("skipping %s: %s", name, reason)
+      skipped.append((name, reason))
+    if chunk:
       n_real = len(chunk)
       pred_b = jax.device_put(_pad_to(np.stack(preds), len(devices)), sharding)
       gt_b = jax.device_put(_pad_to(np.stack(gts), len(devices)), sharding)

@@ -3,7 +3,8 @@
 Every metric follows one protocol: an object with `name`, `kind` ("full_reference" | "no_reference" |
 "distribution"), `higher_is_better`, `backend` and `__call__(pred, gt) -> (B,)` on float32 NHWC [0, 1]
 batches; a "distribution" metric (FID) instead has `features(images) -> (B, D)` and
-`fid_from_features(a, b) -> float`.
+`fid_from_features(a, b) -> float`. A metric with weights may also have `with_weights(weights_dir)`
+returning a copy that loads them from a local folder (--weights, offline clusters).
 
 Two backends: the JAX metrics of this package (METRICS, lazy "module:attribute" entries) and pyiqa (the
 paper's package, cassr_jax.eval.pyiqa_backend) when it imports. `resolve` tries them in order and returns the
