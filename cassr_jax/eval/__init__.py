@@ -1,0 +1,1 @@
+"""Evaluation: image-quality metrics and reports."""
