@@ -162,6 +162,33 @@ def test_failing_metric_is_reported_not_numbered(tmp_path, rng, test_metrics):
   assert "failed: RuntimeError: kaboom" in md
 
 
+class _NeedsWeights(_MSE):
+  name = "t_weights"
+
+  def __init__(self, weights_dir=None):
+    super().__init__()
+    self.weights_dir = weights_dir
+
+  def with_weights(self, weights_dir):
+    return _NeedsWeights(weights_dir)
+
+  def load(self):
+    if self.weights_dir is None or not os.path.exists(os.path.join(self.weights_dir, "w.npz")):
+      raise FileNotFoundError(f"w.npz not found in {self.weights_dir}")
+
+
+def test_missing_weights_make_a_metric_unavailable(tmp_path, rng, monkeypatch):
+  monkeypatch.setitem(metrics_lib.METRICS._entries, "t_weights", _NeedsWeights())  # test-only registration
+  _write_set(tmp_path, rng, [(8, 8)])
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_weights", weights_dir=tmp_path)
+  s = result.summary["t_weights"]
+  assert s.status == "unavailable" and s.value is None
+  assert s.reason.startswith(f"jax: FileNotFoundError: w.npz not found in {tmp_path}")
+  (tmp_path / "w.npz").write_bytes(b"")
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_weights", weights_dir=tmp_path)
+  assert result.summary["t_weights"].status == "ok"
+
+
 def test_crop_border_applies_to_pixel_metrics(tmp_path, rng, monkeypatch, test_metrics):
   class _PixelMSE(_MSE):
     name = "psnr"

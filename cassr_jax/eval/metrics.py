@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from cassr_jax.eval import weights
 from cassr_jax.registry import Registry
 
 FULL_REFERENCE, NO_REFERENCE, DISTRIBUTION = "full_reference", "no_reference", "distribution"
@@ -93,9 +94,14 @@ def _load_jax(name: str, weights_dir: str | None) -> Any:
   if name not in METRICS:
     raise LookupError("no JAX implementation")
   metric = METRICS.get(name)
-  # A metric with weights can be pointed at a local folder (offline clusters); the rest ignore it.
-  if weights_dir is not None and hasattr(metric, "with_weights"):
-    metric = metric.with_weights(weights_dir)
+  if weights_dir is not None:
+    if hasattr(metric, "with_weights"):
+      metric = metric.with_weights(weights_dir)
+    else:
+      # cassr_jax.eval.weights looks in $CASSR_METRIC_WEIGHTS after the (unset) per-metric folder.
+      os.environ[weights.ENV_VAR] = weights_dir
+  if hasattr(metric, "load"):
+    metric.load()  # networks load their weights lazily: fail here (unavailable), not in the middle of a run
   return metric
 
 
