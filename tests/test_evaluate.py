@@ -20,7 +20,7 @@ from absl import logging as absl_logging
 from cassr_jax.data import images
 from cassr_jax.eval import evaluate as evaluate_lib
 from cassr_jax.eval import metrics as metrics_lib
-from cassr_jax.eval import report
+from cassr_jax.eval import pyiqa_backend, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +133,7 @@ def test_pairing_by_stem_with_lq(tmp_path, rng):
 def test_evaluate_batches_by_size_pads_to_devices_and_matches_numpy(tmp_path, rng, test_metrics):
   data = _write_set(tmp_path, rng, [(8, 8)] * 5 + [(12, 8)] * 2)
   result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse,t_bright,t_dist,musiq",
-                                 batch_size=4, devices=jax.devices("cpu"))
+                                 batch_size=4, devices=jax.devices("cpu"), backends=("jax",))
   assert len(jax.devices("cpu")) == 8  # tests/conftest.py
   # 5 images of 8x8 -> batches of 4 and 1, 2 of 12x8 -> one batch; each padded to the 8 devices.
   assert test_metrics["t_mse"].calls == [((8, 8, 8, 3), 8), ((8, 8, 8, 3), 8), ((8, 12, 8, 3), 8)]
@@ -148,9 +148,19 @@ def test_evaluate_batches_by_size_pads_to_devices_and_matches_numpy(tmp_path, rn
   np.testing.assert_allclose(s["t_dist"].value, np.sum((mean_p - mean_g) ** 2), rtol=1e-4, atol=1e-9)
   assert (s["t_mse"].status, s["t_mse"].backend, s["t_mse"].count) == ("ok", "jax", 7)
   assert s["t_dist"].count == 7 and "t_dist" not in result.per_image["img00"]
-  # MUSIQ has no JAX implementation and pyiqa does not import here: unavailable with both reasons.
+  # MUSIQ has no JAX implementation: unavailable, with the reason.
   assert s["musiq"].status == "unavailable" and s["musiq"].value is None
-  assert "jax: LookupError" in s["musiq"].reason and "pyiqa:" in s["musiq"].reason
+  assert s["musiq"].reason == "jax: LookupError: no JAX implementation"
+
+
+def test_pyiqa_backend_reports_why_it_is_unavailable():
+  ok, why = pyiqa_backend.available()
+  if ok:
+    pytest.skip(f"pyiqa imports here ({why}); the unavailable path is not reachable")
+  resolved = metrics_lib.resolve("maniqa")
+  assert not resolved.available and resolved.metric is None
+  assert resolved.reason.startswith("jax: LookupError: no JAX implementation; pyiqa: ")
+  assert why.startswith("pyiqa does not import")
 
 
 def test_failing_metric_is_reported_not_numbered(tmp_path, rng, test_metrics):
@@ -215,24 +225,25 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path, rng, test_metrics):
 
 def test_reports_table1_layout_csv_json(tmp_path, rng, test_metrics):
   data = _write_set(tmp_path, rng, [(8, 8)] * 3)
-  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse,t_dist,niqe,fid,lpips")
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="t_mse,t_dist,clipiqa,musiq",
+                                 backends=("jax",))
   paths = report.write_reports(result, tmp_path / "out", column="CasSR (ours)")
   assert not [f for f in os.listdir(tmp_path / "out") if ".tmp" in f]
   rows = list(csv.DictReader(io.StringIO(pathlib.Path(paths["csv"]).read_text(encoding="utf-8"))))
   assert [r["name"] for r in rows] == sorted(data)
-  assert list(rows[0]) == ["name", "width", "height", "lpips", "niqe", "t_mse"]  # Table-1 order; no FID
+  assert list(rows[0]) == ["name", "width", "height", "musiq", "clipiqa", "t_mse"]  # Table-1 order
   np.testing.assert_allclose(float(rows[1]["t_mse"]), result.per_image["img01"]["t_mse"], rtol=1e-12)
-  assert rows[0]["lpips"] == ""  # unavailable: no number
+  assert rows[0]["musiq"] == ""  # unavailable (pyiqa-only here): no number
   md = pathlib.Path(paths["markdown"]).read_text(encoding="utf-8")
   lines = [line for line in md.splitlines() if line.startswith("| ")]
   assert lines[0] == "| Metrics | CasSR (ours) | Backend |"
-  assert [line.split(" | ")[0] for line in lines[1:]] == ["| FID ↓", "| LPIPS ↓", "| NIQE ↓", "| T_MSE ↓",
+  assert [line.split(" | ")[0] for line in lines[1:]] == ["| MUSIQ ↑", "| CLIPIQA ↑", "| T_MSE ↓",
                                                           "| T_DIST ↓"]
   assert f"| {result.summary['t_mse'].value:.4f} | jax |" in md
-  assert "| FID ↓ | – | unavailable: " in md
+  assert "| MUSIQ ↑ | – | unavailable: " in md
   summary = json.loads(pathlib.Path(paths["json"]).read_text(encoding="utf-8"))
   by_name = {m["name"]: m for m in summary["metrics"]}
-  assert by_name["fid"]["value"] is None and by_name["fid"]["status"] == "unavailable"
+  assert by_name["musiq"]["value"] is None and by_name["musiq"]["status"] == "unavailable"
   assert by_name["t_dist"]["backend"] == "jax" and by_name["t_mse"]["count"] == 3 and summary["images"] == 3
 
 
@@ -257,7 +268,7 @@ def test_cli_writes_reports_and_rejects_bad_pairs(tmp_path, rng, capsys):
     images.write_png(tmp_path / "lq" / f"{n}.png", np.zeros((2, 2, 3), np.uint8))
   cli = _load_cli()
   argv = ["evaluate.py", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--lq",
-          str(tmp_path / "lq"), "--metrics", "musiq", "--out", str(tmp_path / "out")]
+          str(tmp_path / "lq"), "--metrics", "musiq", "--backends", "jax", "--out", str(tmp_path / "out")]
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
   assert cli.main([]) == 0

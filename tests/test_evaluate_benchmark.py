@@ -56,19 +56,21 @@ def test_table1_runs_inference_evaluates_and_writes_next_to_paper(tmp_path, rng,
   calls = []
   infer_fn = _upsampler(cv2.INTER_CUBIC, calls)
   data = benchmark.run_table1(sets, tmp_path / "results", tmp_path / "bench", infer_fn=infer_fn,
-                              metrics="fid,t_mse,t_dist", label="CasSR (ours)", panel_width=64)
+                              metrics="musiq,t_mse,t_dist", label="CasSR (ours)", panel_width=64,
+                              backends=("jax",))
   assert [c[1] for c in calls] == [str(tmp_path / "results" / n) for n in ("RealSR", "DRealSR")]
   # Our numbers are exactly what a direct evaluation of the inferred folder gives.
   direct = evaluate_lib.evaluate(tmp_path / "results" / "RealSR", sets[0].gt_dir, metrics="t_mse")
   entry = data["datasets"]["RealSR"]
   assert entry["t_mse"]["value"] == pytest.approx(direct.summary["t_mse"].value, rel=1e-12)
-  assert entry["t_mse"]["paper"] is None and entry["fid"]["value"] is None
-  assert entry["fid"]["paper"]["CasSR"] == 139.0698 and entry["fid"]["status"] == "unavailable"
+  assert entry["t_mse"]["paper"] is None and entry["musiq"]["value"] is None
+  assert entry["musiq"]["paper"]["CasSR"] == 70.4224 and entry["musiq"]["status"] == "unavailable"
   md = pathlib.Path(tmp_path / "bench" / "table1.md").read_text(encoding="utf-8")
-  assert "| RealSR | FID ↓ | 143.3876 |" in md and "| 139.0698 | – | unavailable: " in md
-  assert "| DRealSR | FID ↓ | 157.0340 |" in md
+  assert "| RealSR | MUSIQ ↑ | 63.2816 |" in md and "| 70.4224 | – | unavailable: jax: " in md
+  assert "| DRealSR | MUSIQ ↑ | 57.1217 |" in md
   assert f"| {entry['t_mse']['value']:.4f} | jax |" in md
-  assert json.loads(pathlib.Path(tmp_path / "bench" / "table1.json").read_text(encoding="utf-8"))["datasets"]["DRealSR"]["fid"]["paper"]["HAT"] == 141.8644
+  table = json.loads(pathlib.Path(tmp_path / "bench" / "table1.json").read_text(encoding="utf-8"))
+  assert table["datasets"]["DRealSR"]["musiq"]["paper"]["HAT"] == 50.3458
   for name in ("RealSR", "DRealSR"):
     assert os.path.exists(tmp_path / "bench" / name / "index.html")
     assert len(os.listdir(tmp_path / "bench" / name / "grids")) == 3
@@ -83,17 +85,17 @@ def test_ablation_rows(tmp_path, rng, test_metrics):  # noqa: F811
   calls = []
   variants = {"LR-Image": _upsampler(cv2.INTER_NEAREST, calls), "SCEdit": _upsampler(cv2.INTER_CUBIC, calls)}
   data = benchmark.run_ablation(2, variants, ts, tmp_path / "results", tmp_path / "abl",
-                                metrics="fid,lpips,t_mse", grids=False)
+                                metrics="musiq,maniqa,t_mse", grids=False, backends=("jax",))
   ours = data["variants"]
   # Nearest upsampling is further from the (smooth) HR than bicubic: the rows differ the expected way.
   assert ours["LR-Image"]["t_mse"]["value"] > ours["SCEdit"]["t_mse"]["value"] > 0
-  assert ours["SCEdit"]["fid"]["paper"] == 30.7808 and ours["SCEdit"]["lpips"]["paper"] == 0.3175
+  assert ours["SCEdit"]["musiq"]["paper"] == 68.6242 and ours["SCEdit"]["maniqa"]["paper"] == 0.4927
   md = pathlib.Path(tmp_path / "abl" / "table2.md").read_text(encoding="utf-8")
   lines = md.splitlines()
-  assert lines[2].startswith("| Reference | Source | FID ↓ | LPIPS ↓ | T_MSE ↓ |")
-  assert "| LR-Image | paper | 33.1480 | 0.3216 | – |" in md
+  assert lines[2].startswith("| Reference | Source | MUSIQ ↑ | MANIQA ↑ | T_MSE ↓ |")
+  assert "| LR-Image | paper | 63.4204 | 0.4534 | – |" in md
   assert f"| SCEdit | ours | – | – | {ours['SCEdit']['t_mse']['value']:.4f} |" in md
-  assert "| ControlNet | paper | 30.5114 |" in md and "| ControlNet | ours" not in md
+  assert "| ControlNet | paper | 69.0435 |" in md and "| ControlNet | ours" not in md
   with pytest.raises(ValueError, match="Table 3 variants"):
     benchmark.run_ablation(3, {"cfg+typo": None}, ts, tmp_path / "results", tmp_path / "abl3")
   data3 = benchmark.run_ablation(3, {"general+cfg": _upsampler(cv2.INTER_CUBIC, calls)}, ts, tmp_path / "results",

@@ -67,7 +67,8 @@ def _make_run(tmp_path, rng, n=3, size=(48, 64)):
     images.write_png(tmp_path / "lq" / f"{name}.png", np.broadcast_to(np.array(COLOURS["lq"], np.uint8),
                                                                        (size[0] // 4, size[1] // 4, 3)))
   return evaluate_lib.run_evaluation(tmp_path / "pred", tmp_path / "gt", tmp_path / "run", lq_dir=tmp_path / "lq",
-                                     ref_dir=tmp_path / "ref", metrics="musiq", panel_width=96, title="Tiny run")
+                                     ref_dir=tmp_path / "ref", metrics="musiq", panel_width=96, title="Tiny run",
+                                     backends=("jax",))
 
 
 def test_page_links_are_relative(tmp_path, rng):

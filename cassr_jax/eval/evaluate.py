@@ -76,8 +76,9 @@ def find_pairs(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, lq_dir
   problems: list[str] = []
   pred = list_images(pred_dir, "pred", problems)
   gt = list_images(gt_dir, "gt", problems)
+  folders = {"lq": lq_dir, "ref": ref_dir}
   extra = {what: list_images(folder, what, problems) if folder is not None else None
-           for what, folder in (("lq", lq_dir), ("ref", ref_dir))}
+           for what, folder in folders.items()}
   for stem in sorted(set(pred) - set(gt)):
     problems.append(f"{pred[stem]}: no ground truth named {stem}.* in {os.fspath(gt_dir)}")
   for stem in sorted(set(gt) - set(pred)):
@@ -93,7 +94,7 @@ def find_pairs(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, lq_dir
         problems.append(str(e))
     for what, found in extra.items():
       if found is not None and stem not in found:
-        problems.append(f"{pred[stem]}: no {what} image named {stem}.* in {os.fspath(lq_dir if what == 'lq' else ref_dir)}")
+        problems.append(f"{pred[stem]}: no {what} image named {stem}.* in {os.fspath(folders[what])}")
     if len(sizes) == 2 and sizes[0] != sizes[1]:
       problems.append(f"size mismatch: {pred[stem]} is {sizes[0][0]}x{sizes[0][1]} but {gt[stem]} is "
                       f"{sizes[1][0]}x{sizes[1][1]}")

@@ -88,7 +88,9 @@ def summary_markdown(result: EvalResult, *, title: str = "Evaluation", column: s
   rows = [([dataset] if dataset else []) + r for r in summary_rows(result.summary, result.metrics)]
   text = f"# {title}\n\n{len(result.per_image)} image pairs"
   text += f" (pred: `{result.config['pred_dir']}`, gt: `{result.config['gt_dir']}`"
-  text += f", crop border {result.config['crop_border']} for PSNR/SSIM)\n\n" if result.config.get("crop_border") else ")\n\n"
+  if result.config.get("crop_border"):
+    text += f", crop border {result.config['crop_border']} for PSNR/SSIM"
+  text += ")\n\n"
   text += markdown_table(header, rows, [False] * (len(header) - 2) + [True, False])
   if result.skipped:
     text += "\nSkipped (unreadable):\n\n" + "".join(f"- {n}: {why}\n" for n, why in result.skipped)
