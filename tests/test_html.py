@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
+from test_evaluate import test_metrics  # noqa: F401  (fixture registering the t_* test metrics)
 
 from cassr_jax.data import images
 from cassr_jax.eval import compare
@@ -52,7 +53,7 @@ def test_grid_layout_box_and_zoom():
     assert (grid[:compare.LABEL_HEIGHT, x:x + pw] < 100).all(-1).sum() > 10
 
 
-def _make_run(tmp_path, rng, n=3, size=(48, 64)):
+def _make_run(tmp_path, rng, n=3, size=(48, 64), metrics="musiq"):
   for d in ("pred", "gt", "lq", "ref"):
     os.makedirs(tmp_path / d)
   for i in range(n):
@@ -67,19 +68,23 @@ def _make_run(tmp_path, rng, n=3, size=(48, 64)):
     images.write_png(tmp_path / "lq" / f"{name}.png", np.broadcast_to(np.array(COLOURS["lq"], np.uint8),
                                                                        (size[0] // 4, size[1] // 4, 3)))
   return evaluate_lib.run_evaluation(tmp_path / "pred", tmp_path / "gt", tmp_path / "run", lq_dir=tmp_path / "lq",
-                                     ref_dir=tmp_path / "ref", metrics="musiq", panel_width=96, title="Tiny run",
+                                     ref_dir=tmp_path / "ref", metrics=metrics, panel_width=96, title="Tiny run",
                                      backends=("jax",))
 
 
-def test_page_links_are_relative(tmp_path, rng):
-  outputs = _make_run(tmp_path, rng)
+def test_page_links_are_relative_and_shows_metrics(tmp_path, rng, test_metrics):  # noqa: F811
+  outputs = _make_run(tmp_path, rng, metrics="t_mse,musiq")
   page = pathlib.Path(outputs.files["html"]).read_text(encoding="utf-8")
   srcs = re.findall(r'<img src="([^"]+)"', page)
   assert srcs == [f"grids/photo%20{i}%23.png" for i in range(3)]
   assert "<script" not in page and "http" not in page and str(tmp_path / "run") not in page.split("</h1>")[1]
   grid = np.asarray(Image.open(outputs.grids["photo 0#"]))
   assert grid.shape[1] == 4 * 96 + 5 * compare.MARGIN  # LR | reference | CasSR | HR
-  assert "unavailable" in page
+  assert page.count("unavailable") == 1  # once, in the summary (MUSIQ)
+  sections = page.split("<section")[1:]
+  for i, section in enumerate(sections):
+    value = outputs.result.per_image[f"photo {i}#"]["t_mse"]
+    assert f"<td class=num>{value:.4f}</td>" in section and "MUSIQ" not in section
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")

@@ -43,7 +43,8 @@ def _summary_table(result: EvalResult) -> str:
 
 def _pair_table(result: EvalResult, name: str) -> str:
   values = result.per_image.get(name, {})
-  columns = report.per_image_columns(result)
+  # Metrics without a value (unavailable, failed) are explained once in the summary table, not per image.
+  columns = [n for n in report.per_image_columns(result) if result.summary[n].status == "ok"]
   head = "".join(f"<th>{html.escape(report.metric_heading(n))}</th>" for n in columns)
   cells = "".join(f"<td class=num>{html.escape(report.format_value(values.get(n)))}</td>" for n in columns)
   return f"<table><tr>{head}</tr><tr>{cells}</tr></table>"
@@ -63,7 +64,8 @@ def page_html(result: EvalResult, grids: Mapping[str, str], page_dir: str, *, ti
     if name not in grids and name not in result.per_image:
       continue
     parts.append(f"<section id=\"{html.escape(name)}\"><h2>{html.escape(name)}</h2>")
-    if result.metrics and any(metrics_lib.info(n).kind != metrics_lib.DISTRIBUTION for n in result.metrics):
+    if any(result.summary[n].status == "ok" and result.summary[n].kind != metrics_lib.DISTRIBUTION
+           for n in result.metrics):
       parts.append(_pair_table(result, name))
     if name in grids:
       parts.append(f"<img src=\"{html.escape(relative_src(grids[name], page_dir))}\" "
