@@ -80,9 +80,17 @@ class _Broken:
     raise RuntimeError("kaboom")
 
 
+class _OneScore(_MSE):
+  name = "t_one"
+
+  def __call__(self, pred, gt):
+    return jnp.zeros((1,))
+
+
 @pytest.fixture
 def test_metrics(monkeypatch):
-  entries = {"t_mse": _MSE(), "t_bright": _Brightness(), "t_dist": _MeanColourDistance(), "t_broken": _Broken()}
+  entries = {"t_mse": _MSE(), "t_bright": _Brightness(), "t_dist": _MeanColourDistance(), "t_broken": _Broken(),
+             "t_one": _OneScore()}
   for name, metric in entries.items():
     monkeypatch.setitem(metrics_lib.METRICS._entries, name, metric)  # test-only registrations
   return entries
@@ -165,7 +173,9 @@ def test_pyiqa_backend_reports_why_it_is_unavailable():
 
 def test_failing_metric_is_reported_not_numbered(tmp_path, rng, test_metrics):
   _write_set(tmp_path, rng, [(8, 8)] * 2)
-  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics=["t_broken", "t_mse"])
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics=["t_broken", "t_mse", "t_one"])
+  one = result.summary["t_one"]
+  assert one.status == "failed" and "returned 1 scores for a batch of 8" in one.reason
   assert result.summary["t_broken"].status == "failed" and "kaboom" in result.summary["t_broken"].reason
   assert result.summary["t_broken"].value is None and result.summary["t_mse"].status == "ok"
   md = report.summary_markdown(result)
