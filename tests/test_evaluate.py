@@ -10,6 +10,7 @@ import logging as std_logging
 import os
 import pathlib
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -290,3 +291,26 @@ def test_cli_writes_reports_and_rejects_bad_pairs(tmp_path, rng, capsys):
   with absl_testing_logs() as logged:
     assert cli.main([]) == 2
   assert "img01.png: no ground truth" in "".join(logged)
+
+
+def test_real_psnr_through_evaluate_matches_skimage(tmp_path):
+  """PSNR (cassr_jax.eval.pixel) through the batched, sharded, border-cropped path on a real photo.
+  (SSIM's parity is tests/test_pixel_metrics.py's; its CPU compile would dominate this test.)"""
+  skimage_metrics = pytest.importorskip("skimage.metrics")
+  photo = images.read_image(os.path.join(REPO, "cassr_jax", "assets", "astronaut_lr.png"))
+  os.makedirs(tmp_path / "pred")
+  os.makedirs(tmp_path / "gt")
+  expected = {}
+  for i, (y, x) in enumerate([(0, 0), (8, 16), (40, 24)]):
+    gt = np.ascontiguousarray(photo[y:y + 64, x:x + 80])
+    pred = cv2.resize(cv2.resize(gt, (20, 16), interpolation=cv2.INTER_AREA), (80, 64),
+                      interpolation=cv2.INTER_CUBIC)
+    images.write_png(tmp_path / "gt" / f"{i}.png", gt)
+    images.write_png(tmp_path / "pred" / f"{i}.png", pred)
+    expected[str(i)] = skimage_metrics.peak_signal_noise_ratio(gt[4:-4, 4:-4], pred[4:-4, 4:-4], data_range=255)
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="psnr", crop_border=4,
+                                 backends=("jax",))
+  assert (result.summary["psnr"].backend, result.summary["psnr"].status) == ("jax", "ok")
+  for name, psnr in expected.items():
+    np.testing.assert_allclose(result.per_image[name]["psnr"], psnr, rtol=1e-5)
+  np.testing.assert_allclose(result.summary["psnr"].value, np.mean(list(expected.values())), rtol=1e-5)

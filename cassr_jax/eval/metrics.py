@@ -25,10 +25,10 @@ FULL_REFERENCE, NO_REFERENCE, DISTRIBUTION = "full_reference", "no_reference", "
 
 # JAX metrics of this package (name -> "module:attribute").
 METRICS = Registry("metric", {
-    "psnr": "cassr_jax.eval.pixel:psnr",
-    "ssim": "cassr_jax.eval.pixel:ssim",
-    "psnr_y": "cassr_jax.eval.pixel:psnr_y",
-    "ssim_y": "cassr_jax.eval.pixel:ssim_y",
+    "psnr": "cassr_jax.eval.pixel:PSNR",
+    "ssim": "cassr_jax.eval.pixel:SSIM",
+    "psnr_y": "cassr_jax.eval.pixel:PSNR_Y",
+    "ssim_y": "cassr_jax.eval.pixel:SSIM_Y",
     "lpips": "cassr_jax.eval.lpips:lpips",
     "lpips_vgg": "cassr_jax.eval.lpips:lpips_vgg",
     "dists": "cassr_jax.eval.dists:dists",
@@ -120,6 +120,22 @@ def _short(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def protocol_problem(metric: Any) -> str | None:
+  """Why `metric` cannot be run by the evaluation (None when it can)."""
+  kind = getattr(metric, "kind", None)
+  if kind not in (FULL_REFERENCE, NO_REFERENCE, DISTRIBUTION):
+    return f"kind={kind!r}"
+  if not hasattr(metric, "higher_is_better"):
+    return "no higher_is_better"
+  if kind == DISTRIBUTION:
+    if not (hasattr(metric, "features") and hasattr(metric, "fid_from_features")) and not hasattr(metric,
+                                                                                                 "from_folders"):
+      return "a distribution metric needs features() and fid_from_features(), or from_folders()"
+  elif not callable(metric):
+    return "not callable"
+  return None
+
+
 def resolve(name: str, *, weights_dir: str | os.PathLike | None = None,
             backends: Sequence[str] = BACKENDS) -> Resolved:
   """The first backend (in `backends` order) that provides `name`; else unavailable with all reasons."""
@@ -132,6 +148,10 @@ def resolve(name: str, *, weights_dir: str | os.PathLike | None = None,
       metric = _LOADERS[backend](name, weights_dir)
     except Exception as e:  # noqa: BLE001 - any load failure (import, weights, torch) makes it unavailable
       reasons.append(f"{backend}: {_short(e)}")
+      continue
+    problem = protocol_problem(metric)
+    if problem:
+      reasons.append(f"{backend}: {type(metric).__name__} does not follow the metric protocol ({problem})")
       continue
     return Resolved(name, metric, getattr(metric, "backend", backend))
   return Resolved(name, reason="; ".join(reasons) or "no backend tried")
