@@ -28,6 +28,7 @@ _BACKENDS = flags.DEFINE_list("backends", list(metrics_lib.BACKENDS), "metric ba
 _GRIDS = flags.DEFINE_boolean("grids", True, "write comparison PNGs and index.html")
 _LR_RESAMPLE = flags.DEFINE_enum("lr_resample", "nearest", ["nearest", "bicubic"], "LR upsampling in the grids")
 _TITLE = flags.DEFINE_string("title", "Evaluation", "title of the reports")
+_LABEL = flags.DEFINE_string("label", "Ours", "column heading of the results in the Table-1 summary")
 
 
 def main(argv) -> int:
@@ -37,7 +38,7 @@ def main(argv) -> int:
     outputs = evaluate_lib.run_evaluation(
         _PRED.value, _GT.value, out, lq_dir=_LQ.value, ref_dir=_REF.value, metrics=_METRICS.value,
         crop_border=_CROP.value, weights_dir=_WEIGHTS.value, batch_size=_BATCH.value, backends=_BACKENDS.value,
-        grids=_GRIDS.value, lr_resample=_LR_RESAMPLE.value, title=_TITLE.value)
+        grids=_GRIDS.value, lr_resample=_LR_RESAMPLE.value, title=_TITLE.value, column=_LABEL.value)
   except (evaluate_lib.PairingError, ValueError) as e:
     logging.error("%s", e)
     return 2
