@@ -80,9 +80,9 @@ class VGG16Features(nnx.Module):
 def assign_convs(convs, arrays: Mapping[str, np.ndarray], prefix: str, source: str) -> None:
   """Sets conv i from arrays[f"{prefix}Conv_{i}/kernel|bias"] (Flax HWIO layout), checking shapes."""
   for i, layer in enumerate(convs):
-    layer.kernel.value = jnp.asarray(
-        weights.require(arrays, f"{prefix}Conv_{i}/kernel", layer.kernel.value.shape, source))
-    layer.bias.value = jnp.asarray(weights.require(arrays, f"{prefix}Conv_{i}/bias", layer.bias.value.shape, source))
+    for name in ("kernel", "bias"):
+      variable = getattr(layer, name)
+      variable.set_value(jnp.asarray(weights.require(arrays, f"{prefix}Conv_{i}/{name}", variable.shape, source)))
 
 
 def load_vgg16(pool: str = "max", weights_dir: str | None = None) -> VGG16Features:
