@@ -74,6 +74,25 @@ class _MeanColourDistance:
     return float(np.sum((np.mean(a, 0) - np.mean(b, 0)) ** 2))
 
 
+class _ModuleLevelDistance:
+  """A distribution metric whose distance is its module's fid_from_features (like cassr_jax.eval.fid)."""
+  name, kind, higher_is_better, backend = "t_mdist", metrics_lib.DISTRIBUTION, False, "jax"
+
+  def features(self, images_):
+    return jnp.mean(images_, axis=(1, 2))
+
+
+def fid_from_features(a, b):
+  return float(np.abs(np.mean(a) - np.mean(b)))
+
+
+class _WeightsMissingOnCall(_MSE):
+  name = "t_lazyweights"
+
+  def __call__(self, pred, gt):
+    raise FileNotFoundError("weights.bin not found; looked in:\n  /nowhere")
+
+
 class _Broken:
   name, kind, higher_is_better, backend = "t_broken", metrics_lib.FULL_REFERENCE, False, "jax"
 
@@ -91,7 +110,7 @@ class _OneScore(_MSE):
 @pytest.fixture
 def test_metrics(monkeypatch):
   entries = {"t_mse": _MSE(), "t_bright": _Brightness(), "t_dist": _MeanColourDistance(), "t_broken": _Broken(),
-             "t_one": _OneScore()}
+             "t_one": _OneScore(), "t_mdist": _ModuleLevelDistance(), "t_lazyweights": _WeightsMissingOnCall()}
   for name, metric in entries.items():
     monkeypatch.setitem(metrics_lib.METRICS._entries, name, metric)  # test-only registrations
   return entries
@@ -174,7 +193,15 @@ def test_pyiqa_backend_reports_why_it_is_unavailable():
 
 def test_failing_metric_is_reported_not_numbered(tmp_path, rng, test_metrics):
   _write_set(tmp_path, rng, [(8, 8)] * 2)
-  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt", metrics=["t_broken", "t_mse", "t_one"])
+  result = evaluate_lib.evaluate(tmp_path / "pred", tmp_path / "gt",
+                                 metrics=["t_broken", "t_mse", "t_one", "t_lazyweights", "t_mdist"])
+  lazy = result.summary["t_lazyweights"]
+  assert (lazy.status, lazy.value) == ("unavailable", None)
+  assert lazy.reason == "FileNotFoundError: weights.bin not found; looked in:"
+  mdist = result.summary["t_mdist"]
+  pred = np.stack([images.read_image(tmp_path / "pred" / f"img{i:02d}.png") for i in range(2)]) / 255
+  gt = np.stack([images.read_image(tmp_path / "gt" / f"img{i:02d}.png") for i in range(2)]) / 255
+  np.testing.assert_allclose(mdist.value, abs(pred.mean() - gt.mean()), rtol=1e-5)
   one = result.summary["t_one"]
   assert one.status == "failed" and "returned 1 scores for a batch of 8" in one.reason
   assert result.summary["t_broken"].status == "failed" and "kaboom" in result.summary["t_broken"].reason

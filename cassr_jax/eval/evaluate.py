@@ -212,13 +212,19 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, metrics:
   devices = list(jax.local_devices() if devices is None else devices)
   sharding = parallel.batch_sharding(parallel.make_mesh(devices=devices))
   per_image: dict[str, dict[str, float]] = {}
-  features: dict[str, tuple[list, list]] = {n: ([], []) for n, m in running.items()
-                                            if summary[n].kind == metrics_lib.DISTRIBUTION and hasattr(m, "features")}
+  features: dict[str, tuple[list, list]] = {
+      n: ([], []) for n, m in running.items() if summary[n].kind == metrics_lib.DISTRIBUTION
+      and hasattr(m, "features") and metrics_lib.distribution_distance(m) is not None}
   skipped: list[tuple[str, str]] = []
 
   def fail(n: str, e: Exception) -> None:
-    logger.exception("metric %s failed", n)
-    summary[n].status, summary[n].reason = FAILED, f"{type(e).__name__}: {e}"
+    # Weights looked up on first use and not found: the metric is unavailable, not broken.
+    status = UNAVAILABLE if isinstance(e, FileNotFoundError) else FAILED
+    if status == FAILED:
+      logger.exception("metric %s failed", n)
+    else:
+      logger.warning("metric %s unavailable: %s", n, e)
+    summary[n].status, summary[n].reason = status, metrics_lib.short_error(e)
     running.pop(n, None)
 
   for chunk, preds, gts, bad in _read_batches(pairs, batch_size):
@@ -255,7 +261,8 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, metrics:
         a, b = features[n]
         if not a:
           raise ValueError("no images were read")
-        s.value, s.count = float(metric.fid_from_features(np.concatenate(a), np.concatenate(b))), sum(map(len, a))
+        distance = metrics_lib.distribution_distance(metric)
+        s.value, s.count = float(distance(np.concatenate(a), np.concatenate(b))), sum(map(len, a))
       elif s.kind == metrics_lib.DISTRIBUTION:
         s.value, s.count = float(metric.from_folders(os.fspath(pred_dir), os.fspath(gt_dir))), len(pairs)
       else:

@@ -3,7 +3,7 @@
 Every metric follows one protocol: an object with `name`, `kind` ("full_reference" | "no_reference" |
 "distribution"), `higher_is_better`, `backend` and `__call__(pred, gt) -> (B,)` on float32 NHWC [0, 1]
 batches; a "distribution" metric (FID) instead has `features(images) -> (B, D)` and
-`fid_from_features(a, b) -> float`. A metric with weights may also have `with_weights(weights_dir)`
+`fid_from_features(a, b) -> float` (a method, or a function of the metric's module). A metric with weights may also have `with_weights(weights_dir)`
 returning a copy that loads them from a local folder (--weights, offline clusters).
 
 Two backends: the JAX metrics of this package (METRICS, lazy "module:attribute" entries) and pyiqa (the
@@ -14,6 +14,7 @@ so reports say why instead of printing a number.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,7 @@ METRICS = Registry("metric", {
     "lpips_vgg": "cassr_jax.eval.lpips:lpips_vgg",
     "dists": "cassr_jax.eval.dists:dists",
     "niqe": "cassr_jax.eval.niqe:niqe",
-    "fid": "cassr_jax.eval.fid:fid",
+    "fid": "cassr_jax.eval.fid:FID_METRIC",
 })
 
 
@@ -115,9 +116,18 @@ def _load_pyiqa(name: str, weights_dir: str | None) -> Any:
 _LOADERS = {"jax": _load_jax, "pyiqa": _load_pyiqa}
 
 
-def _short(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+def short_error(e: BaseException) -> str:
+  """'Type: first line of the message' (reports stay one line per metric)."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def distribution_distance(metric: Any):
+  """The metric's fid_from_features (a method, or a function of the module defining its class), or None."""
+  distance = getattr(metric, "fid_from_features", None)
+  if distance is None:
+    distance = getattr(inspect.getmodule(type(metric)), "fid_from_features", None)
+  return distance if callable(distance) else None
 
 
 def protocol_problem(metric: Any) -> str | None:
@@ -128,8 +138,7 @@ def protocol_problem(metric: Any) -> str | None:
   if not hasattr(metric, "higher_is_better"):
     return "no higher_is_better"
   if kind == DISTRIBUTION:
-    if not (hasattr(metric, "features") and hasattr(metric, "fid_from_features")) and not hasattr(metric,
-                                                                                                 "from_folders"):
+    if not (hasattr(metric, "features") and distribution_distance(metric)) and not hasattr(metric, "from_folders"):
       return "a distribution metric needs features() and fid_from_features(), or from_folders()"
   elif not callable(metric):
     return "not callable"
@@ -147,7 +156,7 @@ def resolve(name: str, *, weights_dir: str | os.PathLike | None = None,
     try:
       metric = _LOADERS[backend](name, weights_dir)
     except Exception as e:  # noqa: BLE001 - any load failure (import, weights, torch) makes it unavailable
-      reasons.append(f"{backend}: {_short(e)}")
+      reasons.append(f"{backend}: {short_error(e)}")
       continue
     problem = protocol_problem(metric)
     if problem:
