@@ -145,7 +145,8 @@ class TorchDISTS(nn.Module):
 
 def reference_metric(name: str, weights_dir: str | None = None) -> nn.Module:
   """The torch reference of metric `name` ("lpips", "lpips-vgg", "dists"), in eval mode."""
-  builders = {"lpips": lambda: TorchLPIPS("alex", weights_dir), "lpips-vgg": lambda: TorchLPIPS("vgg", weights_dir),
+  builders = {"lpips": lambda: TorchLPIPS("alex", weights_dir),
+              "lpips-vgg": lambda: TorchLPIPS("vgg", weights_dir),
               "dists": lambda: TorchDISTS(weights_dir)}
   if name not in builders:
     raise KeyError(f"no torch reference for {name!r}; known: {sorted(builders)}")
