@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from cassr_jax.eval import evaluate as evaluate_lib
+from cassr_jax.eval.results import PairingError
+from cassr_jax.eval.run import run_evaluation
 from cassr_jax.eval import metrics as metrics_lib
 
 _PRED = flags.DEFINE_string("pred", None, "folder of results (super-resolved images)", required=True)
@@ -35,11 +36,11 @@ def main(argv) -> int:
   del argv
   out = _OUT.value or _PRED.value.rstrip("/") + "_eval"
   try:
-    outputs = evaluate_lib.run_evaluation(
+    outputs = run_evaluation(
         _PRED.value, _GT.value, out, lq_dir=_LQ.value, ref_dir=_REF.value, metrics=_METRICS.value,
         crop_border=_CROP.value, weights_dir=_WEIGHTS.value, batch_size=_BATCH.value, backends=_BACKENDS.value,
         grids=_GRIDS.value, lr_resample=_LR_RESAMPLE.value, title=_TITLE.value, column=_LABEL.value)
-  except (evaluate_lib.PairingError, ValueError) as e:
+  except (PairingError, ValueError) as e:
     logging.error("%s", e)
     return 2
   with open(outputs.files["markdown"], encoding="utf-8") as f:

@@ -20,6 +20,7 @@ from absl import logging as absl_logging
 
 from cassr_jax.data import images
 from cassr_jax.eval import evaluate as evaluate_lib
+from cassr_jax.eval import results
 from cassr_jax.eval import metrics as metrics_lib
 from cassr_jax.eval import pyiqa_backend, report
 
@@ -138,7 +139,7 @@ def test_pairing_lists_every_problem(tmp_path, rng):
   images.write_png(tmp_path / "gt" / "d.png", np.zeros((8, 8, 3), np.uint8))  # ground truth without result
   images.write_png(tmp_path / "gt" / "c.png", np.zeros((8, 12, 3), np.uint8))  # size mismatch
   images.write_png(tmp_path / "pred" / "a.jpg", np.zeros((8, 8, 3), np.uint8))  # two files share a stem
-  with pytest.raises(evaluate_lib.PairingError) as e:
+  with pytest.raises(results.PairingError) as e:
     evaluate_lib.find_pairs(tmp_path / "pred", tmp_path / "gt")
   msg = str(e.value)
   assert len(e.value.problems) == 4, msg
@@ -150,7 +151,7 @@ def test_pairing_by_stem_with_lq(tmp_path, rng):
   _write_set(tmp_path, rng, [(8, 8), (8, 8)], names=["x", "y"])
   os.makedirs(tmp_path / "lq")
   images.write_png(tmp_path / "lq" / "x.png", np.zeros((2, 2, 3), np.uint8))
-  with pytest.raises(evaluate_lib.PairingError, match=r"y.png: no lq image named y"):
+  with pytest.raises(results.PairingError, match=r"y.png: no lq image named y"):
     evaluate_lib.find_pairs(tmp_path / "pred", tmp_path / "gt", lq_dir=tmp_path / "lq")
   images.write_png(tmp_path / "lq" / "y.png", np.zeros((2, 2, 3), np.uint8))
   pairs = evaluate_lib.find_pairs(tmp_path / "pred", tmp_path / "gt", lq_dir=tmp_path / "lq")

@@ -14,7 +14,7 @@ from test_evaluate import test_metrics  # noqa: F401  (fixture registering the t
 
 from cassr_jax.data import images
 from cassr_jax.eval import compare
-from cassr_jax.eval import evaluate as evaluate_lib
+from cassr_jax.eval import run as run_lib
 
 CHROMIUM = "/usr/bin/chromium"
 COLOURS = {"lq": (0, 0, 200), "ref": (0, 160, 0), "pred": (200, 200, 0), "gt": (120, 0, 160)}
@@ -67,7 +67,7 @@ def _make_run(tmp_path, rng, n=3, size=(48, 64), metrics="musiq"):
                                                                         (*size, 3)))
     images.write_png(tmp_path / "lq" / f"{name}.png", np.broadcast_to(np.array(COLOURS["lq"], np.uint8),
                                                                        (size[0] // 4, size[1] // 4, 3)))
-  return evaluate_lib.run_evaluation(tmp_path / "pred", tmp_path / "gt", tmp_path / "run", lq_dir=tmp_path / "lq",
+  return run_lib.run_evaluation(tmp_path / "pred", tmp_path / "gt", tmp_path / "run", lq_dir=tmp_path / "lq",
                                      ref_dir=tmp_path / "ref", metrics=metrics, panel_width=96, title="Tiny run",
                                      backends=("jax",))
 

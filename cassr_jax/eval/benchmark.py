@@ -3,7 +3,7 @@
 Test sets are the folders written by scripts/prepare_testsets.py (<root>/lr, <root>/hr). Running the model is
 the pipeline's job: pass `infer_fn(lq_dir, out_dir)` that writes one result per LR image (same file stem);
 results already complete in the results folder are reused unless `overwrite=True`. Every set is evaluated with
-cassr_jax.eval.evaluate.run_evaluation (reports, grids, HTML per set) and the tables are written as Markdown
+cassr_jax.eval.run.run_evaluation (reports, grids, HTML per set) and the tables are written as Markdown
 and JSON (atomically) with the paper's values beside ours.
 """
 from __future__ import annotations
@@ -16,10 +16,12 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from cassr_jax.eval import evaluate as evaluate_lib
 from cassr_jax.eval import html as html_lib
 from cassr_jax.eval import metrics as metrics_lib
 from cassr_jax.eval import report
+from cassr_jax.eval import evaluate
+from cassr_jax.eval.results import OK, MetricSummary
+from cassr_jax.eval.run import run_evaluation
 
 logger = logging.getLogger("cassr_jax.eval")
 
@@ -100,7 +102,7 @@ def prepared_testset(name: str, root: str | os.PathLike) -> BenchmarkSet:
 
 
 def _stems(folder: str) -> set[str]:
-  return set(evaluate_lib.list_images(folder, "images", [])) if os.path.isdir(folder) else set()
+  return set(evaluate.list_images(folder, "images", [])) if os.path.isdir(folder) else set()
 
 
 def ensure_results(lq_dir: str, pred_dir: str, infer_fn: InferFn | None, *, overwrite: bool = False) -> None:
@@ -116,16 +118,16 @@ def ensure_results(lq_dir: str, pred_dir: str, infer_fn: InferFn | None, *, over
   infer_fn(lq_dir, pred_dir)
 
 
-def _value(summary: evaluate_lib.MetricSummary) -> float | None:
-  return summary.value if summary.status == evaluate_lib.OK else None
+def _value(summary: MetricSummary) -> float | None:
+  return summary.value if summary.status == OK else None
 
 
-def _metric_entry(summary: evaluate_lib.MetricSummary) -> dict[str, Any]:
+def _metric_entry(summary: MetricSummary) -> dict[str, Any]:
   return {"value": _value(summary), "backend": summary.backend, "status": summary.status,
           "reason": summary.reason}
 
 
-def table1_markdown(ours: Mapping[str, Mapping[str, evaluate_lib.MetricSummary]], metrics: Sequence[str], *,
+def table1_markdown(ours: Mapping[str, Mapping[str, MetricSummary]], metrics: Sequence[str], *,
                     label: str = "Ours") -> str:
   """Dataset | Metrics | the paper's methods | our column | Backend, one row per metric (Table 1 layout)."""
   header = ["Dataset", "Metrics", *TABLE1_METHODS[:-1], "CasSR (paper)", label, "Backend"]
@@ -139,7 +141,7 @@ def table1_markdown(ours: Mapping[str, Mapping[str, evaluate_lib.MetricSummary]]
   return report.markdown_table(header, rows, [False, False] + [True] * (len(header) - 3) + [False])
 
 
-def ablation_markdown(table: int, ours: Mapping[str, Mapping[str, evaluate_lib.MetricSummary]],
+def ablation_markdown(table: int, ours: Mapping[str, Mapping[str, MetricSummary]],
                       metrics: Sequence[str] = ABLATION_METRICS) -> str:
   """Table 2/3 layout (one row per variant, metric columns): the paper's row, then ours, per variant."""
   paper = PAPER_ABLATIONS[table]
@@ -180,12 +182,12 @@ def run_table1(testsets: Sequence[BenchmarkSet], results_root: str | os.PathLike
   <out_dir>/<set name>/, and <out_dir>/table1.md / table1.json with the paper's Table 1 beside ours."""
   out_dir, results_root = os.fspath(out_dir), os.fspath(results_root)
   names = metrics_lib.parse_metric_list(metrics)
-  ours: dict[str, dict[str, evaluate_lib.MetricSummary]] = {}
+  ours: dict[str, dict[str, MetricSummary]] = {}
   pages: dict[str, str] = {}
   for ts in testsets:
     pred_dir = os.path.join(results_root, ts.name)
     ensure_results(ts.lq_dir, pred_dir, infer_fn, overwrite=overwrite)
-    run = evaluate_lib.run_evaluation(pred_dir, ts.gt_dir, os.path.join(out_dir, ts.name), lq_dir=ts.lq_dir,
+    run = run_evaluation(pred_dir, ts.gt_dir, os.path.join(out_dir, ts.name), lq_dir=ts.lq_dir,
                                       metrics=names, grids=grids, title=f"{ts.name}: {label}", column=label,
                                       dataset=ts.name, **evaluate_options)
     ours[ts.name] = run.result.summary
@@ -218,12 +220,12 @@ def run_ablation(table: int, variants: Mapping[str, InferFn | None], testset: Be
       raise ValueError(f"Table 3 variants are '+'-joined {TABLE3_FLAGS} or 'none'; got {bad}")
   out_dir, results_root = os.fspath(out_dir), os.fspath(results_root)
   names = metrics_lib.parse_metric_list(metrics)
-  ours: dict[str, dict[str, evaluate_lib.MetricSummary]] = {}
+  ours: dict[str, dict[str, MetricSummary]] = {}
   pages: dict[str, str] = {}
   for variant, infer_fn in variants.items():
     pred_dir = os.path.join(results_root, variant)
     ensure_results(testset.lq_dir, pred_dir, infer_fn, overwrite=overwrite)
-    run = evaluate_lib.run_evaluation(pred_dir, testset.gt_dir, os.path.join(out_dir, variant),
+    run = run_evaluation(pred_dir, testset.gt_dir, os.path.join(out_dir, variant),
                                       lq_dir=testset.lq_dir, metrics=names, grids=grids,
                                       title=f"Table {table}: {variant} on {testset.name}", column=variant,
                                       dataset=testset.name, **evaluate_options)

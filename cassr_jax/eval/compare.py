@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -19,8 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cassr_jax.data import images
 
-if TYPE_CHECKING:  # evaluate.py imports this module
-  from cassr_jax.eval.evaluate import ImagePair
+from cassr_jax.eval.results import ImagePair
 
 logger = logging.getLogger("cassr_jax.eval")
 

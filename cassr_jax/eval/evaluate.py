@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -26,29 +24,10 @@ import numpy as np
 from cassr_jax import image_ops, parallel
 from cassr_jax.data import images
 from cassr_jax.eval import metrics as metrics_lib
+from cassr_jax.eval.results import FAILED, OK, UNAVAILABLE, EvalResult, ImagePair, MetricSummary, PairingError
 
 logger = logging.getLogger("cassr_jax.eval")
 
-OK, UNAVAILABLE, FAILED = "ok", "unavailable", "failed"
-
-
-class PairingError(ValueError):
-  """The folders do not pair up; `problems` lists every problem found."""
-
-  def __init__(self, problems: Sequence[str]):
-    self.problems = list(problems)
-    super().__init__(f"{len(self.problems)} pairing problem(s):\n  " + "\n  ".join(self.problems))
-
-
-@dataclasses.dataclass(frozen=True)
-class ImagePair:
-  name: str  # the shared file stem
-  pred: str
-  gt: str
-  width: int
-  height: int
-  lq: str | None = None
-  ref: str | None = None
 
 
 def list_images(folder: str | os.PathLike, what: str, problems: list[str]) -> dict[str, str]:
@@ -104,33 +83,6 @@ def find_pairs(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, lq_dir
   if problems:
     raise PairingError(problems)
   return pairs
-
-
-@dataclasses.dataclass
-class MetricSummary:
-  """One metric's line of the summary: a value, or why there is none."""
-  name: str
-  label: str
-  higher_is_better: bool
-  kind: str
-  status: str
-  backend: str | None = None
-  value: float | None = None
-  count: int = 0
-  reason: str | None = None
-
-  def describe_backend(self) -> str:
-    return self.backend if self.status == OK else f"{self.status}: {self.reason}"
-
-
-@dataclasses.dataclass
-class EvalResult:
-  pairs: list[ImagePair]
-  metrics: list[str]
-  per_image: dict[str, dict[str, float]]  # pair name -> metric -> value (per-image metrics only)
-  summary: dict[str, MetricSummary]
-  skipped: list[tuple[str, str]]  # (pair name, reason) of pairs whose pixels could not be read
-  config: dict[str, Any]
 
 
 def _pad_to(batch: np.ndarray, multiple: int) -> np.ndarray:
@@ -278,29 +230,3 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, metrics:
             "batch_size": batch_size, "devices": len(devices), "backends": list(backends),
             "weights_dir": None if weights_dir is None else os.fspath(weights_dir)}
   return EvalResult(pairs, names, per_image, summary, skipped, config)
-
-
-@dataclasses.dataclass
-class RunOutputs:
-  result: EvalResult
-  files: dict[str, str]  # kind -> path (csv, markdown, json, html)
-  grids: dict[str, str]  # pair name -> grid PNG
-
-
-def run_evaluation(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                   grids: bool = True, title: str = "Evaluation", column: str = "Ours", dataset: str | None = None,
-                   pred_label: str = "CasSR", lr_resample: str = "nearest", panel_width: int = 384,
-                   **evaluate_options) -> RunOutputs:
-  """evaluate() and write everything to out_dir: per_image.csv, summary.md/.json, and (grids=True)
-  grids/<name>.png plus index.html laying them out with their metric values."""
-  from cassr_jax.eval import compare, html, report  # pylint: disable=import-outside-toplevel
-  result = evaluate(pred_dir, gt_dir, **evaluate_options)
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  files = report.write_reports(result, out_dir, title=title, column=column, dataset=dataset)
-  grid_paths: dict[str, str] = {}
-  if grids:
-    grid_paths = compare.write_grids(result.pairs, os.path.join(out_dir, "grids"), pred_label=pred_label,
-                                     lr_resample=lr_resample, panel_width=panel_width)
-    files["html"] = html.write_page(os.path.join(out_dir, "index.html"), result, grid_paths, title=title)
-  return RunOutputs(result, files, grid_paths)

@@ -9,13 +9,11 @@ import html
 import os
 import urllib.parse
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from cassr_jax.eval import metrics as metrics_lib
 from cassr_jax.eval import report
 
-if TYPE_CHECKING:  # evaluate.py imports this module
-  from cassr_jax.eval.evaluate import EvalResult
+from cassr_jax.eval.results import EvalResult
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1em 2em; color: #111; }

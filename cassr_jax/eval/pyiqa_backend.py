@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cassr_jax.eval import metrics as metrics_lib
+from cassr_jax.eval import metric_info as metrics_lib
 
 # Our metric name -> pyiqa's metric name (pyiqa's "psnr"/"ssim" default to the Y channel, so map explicitly).
 PYIQA_NAMES = {

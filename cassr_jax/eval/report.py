@@ -13,12 +13,11 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cassr_jax.eval import metrics as metrics_lib
 
-if TYPE_CHECKING:  # evaluate.py imports this module
-  from cassr_jax.eval.evaluate import EvalResult, MetricSummary
+from cassr_jax.eval.results import EvalResult, MetricSummary
 
 MISSING = "–"
 
