@@ -15,12 +15,12 @@ directory (argument / $CASSR_METRIC_WEIGHTS) or the copy packaged in cassr_jax/a
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import gamma as gamma_fn
 
 from cassr_jax.eval.pixel import rgb_to_y
 
@@ -56,6 +56,7 @@ def load_params(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=1)
 def _aggd_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """The alpha grid, r(alpha) = G(2/a)^2 / (G(1/a) G(3/a)), sqrt(G(1/a) / G(3/a)) and G(2/a) / G(1/a)."""
+  gamma_fn = np.vectorize(math.gamma)  # float64, no scipy needed at run time
   alpha = np.arange(0.2, 10.001, 0.001)
   r = gamma_fn(2 / alpha) ** 2 / (gamma_fn(1 / alpha) * gamma_fn(3 / alpha))
   return alpha, r, np.sqrt(gamma_fn(1 / alpha) / gamma_fn(3 / alpha)), gamma_fn(2 / alpha) / gamma_fn(1 / alpha)
