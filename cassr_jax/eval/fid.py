@@ -18,7 +18,7 @@ import importlib.util
 import os
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -188,7 +188,8 @@ class FID:
       return self._fn
 
   def features(self, images) -> jax.Array:
-    """(B, H, W, 3) [0, 1] images -> (B, 2048) float32 features (jitted; one compile per input shape)."""
+    """(B, H, W, 3) [0, 1] images -> (B, 2048) float32 features (jitted; one compile per input shape; a
+    batch sharded over devices stays sharded). Loads the weights on the first call."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"expected (B, H, W, 3) NHWC images, got shape {images.shape}")
     return self._features_fn()(images)
@@ -197,9 +198,7 @@ class FID:
     """Features of a folder, an (N, H, W, 3) array or a sequence of (H, W, 3) arrays (batched by shape)."""
     if isinstance(source, (str, os.PathLike)):
       images: Iterable = _read_folder(os.fspath(source))
-    elif isinstance(source, (np.ndarray, jax.Array)) and source.ndim == 4:
-      images = (to_float01(np.asarray(x)) for x in source)
-    else:
+    else:  # an (N, H, W, 3) array or any sequence of (H, W, 3) images
       images = (to_float01(np.asarray(x)) for x in source)
     out, pending = [], []
 
@@ -226,5 +225,5 @@ FID_METRIC = FID()
 features = FID_METRIC.features
 compute = FID_METRIC.compute
 
-__all__: Sequence[str] = ("FID", "FID_METRIC", "features", "fid_from_features", "compute", "frechet_distance",
+__all__ = ("FID", "FID_METRIC", "features", "fid_from_features", "compute", "frechet_distance",
                           "load_inception", "locate_inception_weights", "export_inception_weights")

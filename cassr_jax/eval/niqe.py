@@ -62,9 +62,9 @@ def _aggd_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   return alpha, r, np.sqrt(gamma_fn(1 / alpha) / gamma_fn(3 / alpha)), gamma_fn(2 / alpha) / gamma_fn(1 / alpha)
 
 
-def aggd_fit(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """AGGD (alpha, beta_left, beta_right) of each block, x (..., n) flattened blocks (BasicSR's
-  estimate_aggd_param; a block without negative or positive values gives nan scales and alpha 0.2)."""
+def aggd_fit(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """AGGD (alpha, beta_left, beta_right, alpha's grid index) of each block, x (..., n) flattened blocks
+  (BasicSR's estimate_aggd_param; a block without negative or positive values gives nan scales, alpha 0.2)."""
   alpha, r, ratio13, _ = _aggd_tables()
   neg, pos = x < 0, x > 0
   left_std = jnp.sqrt(jnp.sum(jnp.where(neg, x * x, 0.0), -1) / jnp.sum(neg, -1))
