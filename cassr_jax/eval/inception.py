@@ -30,6 +30,7 @@ def _conv(cin: int, cout: int, kh: int, kw: int | None = None, *, stride: int = 
   kw = kh if kw is None else kw
   ph, pw = (kh // 2, kw // 2) if pad is None else (pad, pad)
   return nnx.Conv(cin, cout, (kh, kw), strides=(stride, stride), padding=((ph, ph), (pw, pw)), use_bias=True,
+                  precision=jax.lax.Precision.HIGHEST,  # full fp32 on GPU/TPU too: a metric must not drift
                   conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 

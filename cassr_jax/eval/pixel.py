@@ -66,14 +66,14 @@ def gaussian_kernel_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   return k / k.sum()
 
 
-def _filter_valid(x: jax.Array, taps: np.ndarray) -> jax.Array:
-  """Separable 'valid' filtering of (B, H, W, C) along H then W."""
+def _filter_valid(maps: jax.Array, taps: np.ndarray) -> jax.Array:
+  """Separable 'valid' Gaussian filtering of (N, H, W) maps: shifted slices summed along H, then W (XLA's CPU
+  convolution is slower for single-channel maps)."""
   n = len(taps)
-  w = jnp.asarray(taps, x.dtype)
-  h_out = x.shape[1] - n + 1
-  x = sum(w[i] * x[:, i:i + h_out] for i in range(n))
+  h_out = maps.shape[1] - n + 1
+  x = sum(float(taps[i]) * maps[:, i:i + h_out] for i in range(n))
   w_out = x.shape[2] - n + 1
-  return sum(w[i] * x[:, :, i:i + w_out] for i in range(n))
+  return sum(float(taps[i]) * x[:, :, i:i + w_out] for i in range(n))
 
 
 def ssim_map_255(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5) -> jax.Array:
@@ -87,10 +87,15 @@ def ssim_map_255(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.
   offset = 0.5 * (jnp.mean(a, axis=(1, 2), keepdims=True) + jnp.mean(b, axis=(1, 2), keepdims=True))
   a = a - offset
   b = b - offset
-  mu_a, mu_b = _filter_valid(a, taps), _filter_valid(b, taps)
-  var_a = _filter_valid(a * a, taps) - mu_a * mu_a
-  var_b = _filter_valid(b * b, taps) - mu_b * mu_b
-  cov = _filter_valid(a * b, taps) - mu_a * mu_b
+  # All five filtered quantities in one batch of (B * C) single-channel maps.
+  bsz, h, w, c = a.shape
+  stacked = jnp.stack([a, b, a * a, b * b, a * b]).transpose(0, 1, 4, 2, 3).reshape(5 * bsz * c, h, w)
+  filtered = _filter_valid(stacked, taps)
+  filtered = filtered.reshape(5, bsz, c, *filtered.shape[1:]).transpose(0, 1, 3, 4, 2)
+  mu_a, mu_b, aa, bb, ab = filtered
+  var_a = aa - mu_a * mu_a
+  var_b = bb - mu_b * mu_b
+  cov = ab - mu_a * mu_b
   # The means enter shifted; restore them for the luminance term.
   ma, mb = mu_a + offset, mu_b + offset
   return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (var_a + var_b + c2))
