@@ -19,6 +19,7 @@ import numpy as np
 SCHEDULER_FILE = "scheduler_config.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("scaled_linear", "linear")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +31,21 @@ class ScheduleConfig:
   beta_schedule: str = "scaled_linear"
   prediction_type: str = "epsilon"
   steps_offset: int = 1          # SD-1.5's; only the samplers' "leading" spacing uses it
-  timestep_spacing: str = "leading"
+  # None: each sampler's own diffusers default ("leading" for DDPM/DDIM, "linspace" for DPM-Solver++/UniPC),
+  # which is what diffusers does with SD-1.5's config (it names no spacing).
+  timestep_spacing: str | None = None
+  set_alpha_to_one: bool = False  # DDIM's last step goes to abar = 1 (True) or abar[0] (SD-1.5: False)
+  clip_sample: bool = False       # DDPM/DDIM clip the predicted x0 to +-clip_sample_range
+  clip_sample_range: float = 1.0
 
   def __post_init__(self):
     if self.beta_schedule not in BETA_SCHEDULES:
       raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
     if self.prediction_type not in PREDICTION_TYPES:
       raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+    if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+      raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS} (or None), got "
+                       f"{self.timestep_spacing!r}")
     if self.num_train_timesteps < 2:
       raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
 
@@ -44,6 +53,8 @@ class ScheduleConfig:
   def from_diffusers(cls, values: Mapping[str, Any]) -> "ScheduleConfig":
     """Keeps the fields above from a diffusers scheduler config (any scheduler class); ignores the rest."""
     names = {f.name for f in dataclasses.fields(cls)}
+    if values.get("trained_betas") is not None:
+      raise ValueError("trained_betas (an explicit beta list) is not supported")
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
@@ -116,3 +127,26 @@ def predict_x0(schedule: NoiseSchedule, x_t: jax.Array, model_output: jax.Array,
   if schedule.prediction_type == "epsilon":
     return (x_t - s * model_output) / a
   return a * x_t - s * model_output
+
+
+def inference_timesteps(config: ScheduleConfig, steps: int, *, spacing: str, multistep: bool) -> np.ndarray:
+  """The model's timesteps for a `steps`-step run, descending, as diffusers' set_timesteps computes them.
+
+  multistep: DPM-Solver/UniPC place steps + 1 points and drop the last (t = 0); DDPM/DDIM place `steps`.
+  """
+  n, total = int(steps), config.num_train_timesteps
+  if not 1 <= n <= total:
+    raise ValueError(f"steps must be in [1, {total}], got {steps}")
+  if spacing not in TIMESTEP_SPACINGS:
+    raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+  points = n + 1 if multistep else n
+  if spacing == "linspace":
+    t = np.linspace(0, total - 1, points).round()[::-1]
+  elif spacing == "leading":
+    t = (np.arange(points) * (total // points)).round()[::-1] + config.steps_offset
+  else:  # trailing: the ratio is total / steps in both families
+    t = np.round(np.arange(total, 0, -total / n)) - 1
+  t = t[:n].astype(np.int64)
+  if t.min() < 0 or t.max() >= total:
+    raise ValueError(f"timesteps {t.tolist()} fall outside [0, {total}) (steps_offset={config.steps_offset})")
+  return t
