@@ -89,8 +89,8 @@ def run_cassr(args, inputs: list[tuple[str, str]]) -> int:
   from cassr_jax.pipelines.cassr import (CasSRPipeline, output_path, process_share,  # pylint: disable=import-outside-toplevel
                                          super_resolve_files)
 
-  if args.num_processes:
-    if args.num_processes > 1 and jax.default_backend() == "cpu":
+  if args.num_processes:  # before anything touches a JAX backend
+    if args.num_processes > 1:  # only used by CPU backends (localhost runs, CPU clusters)
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)

@@ -180,6 +180,7 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tok_dir:
     vocab = write_letter_tokenizer(tok_dir)
     tokenizer = load_tokenizer(tok_dir)
+    tokenizer.model_max_length = 77  # diffusers pads to it; a bare vocab folder leaves it unset
     parts = torch_models(spec, vocab)
     same_work = args.vs_torch or args.no_multiple_attention
     settings = Settings(prompt="clean", negative_prompt="blur", guidance_scale=args.cfg, scale=4.0,
