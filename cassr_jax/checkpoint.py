@@ -78,7 +78,10 @@ def load_model(directory: str, *, policy: Policy | None = None, **runtime_option
     policy = Policy(saved, saved)
   abstract = eval_shape(lambda: kind.build(config, policy=policy, rngs=nnx.Rngs(0), **runtime_options))
   graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract_params))
+  # An explicit (local, single-device) sharding: without one orbax refuses to restore in multi-process runs.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=local),
+                        nnx.to_pure_dict(abstract_params))
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
   nnx.replace_by_pure_dict(abstract_params, restored)

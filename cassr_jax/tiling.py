@@ -6,11 +6,14 @@ the tile outputs are blended back with weights that are zero in an outer margin 
 image border keep full weight, since there the untiled run sees the same border. The tile grid is computed in
 Python from the static shapes, so fn compiles once for one tile shape and the whole runner can sit inside
 jax.jit; tiles run `tile_batch` at a time through lax.map so peak memory is bounded by that batch.
+fn may also shrink its input by an integer factor (a VAE encoder: tile starts then aligned to that factor),
+and `weights="gaussian"` blends with a Gaussian bump per tile instead (MultiDiffusion-style latent tiling).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -49,15 +52,25 @@ def _edge_ramp(length: int, ramp_from_start: bool, ramp_from_end: bool, overlap:
   return w
 
 
-def _axis_weights(size: int, tile: int, starts: list[int], overlap: int, scale: int) -> list[np.ndarray]:
-  out = []
-  for s in starts:
-    out.append(_edge_ramp(tile * scale, s > 0, s + tile < size, overlap * scale))
-  return out
+GAUSSIAN_SIGMA = 1.0 / 6.0  # of the tile length: edge weight exp(-4.5) ~ 1% of the centre's
+
+
+def _gaussian(length: int) -> np.ndarray:
+  d = np.arange(length, dtype=np.float64) + 0.5 - length / 2.0
+  return np.exp(-0.5 * (d / (GAUSSIAN_SIGMA * length)) ** 2)
+
+
+def _axis_weights(size: int, tile: int, starts: list[int], overlap: int, scale: Fraction,
+                  kind: str = "ramp") -> list[np.ndarray]:
+  length = int(tile * scale)
+  if kind == "gaussian":
+    return [_gaussian(length) for _ in starts]
+  return [_edge_ramp(length, s > 0, s + tile < size, float(overlap * scale)) for s in starts]
 
 
 def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int | tuple[int, int],
-                overlap: int = 16, tile_batch: int | None = None, align: int = 1) -> jax.Array:
+                overlap: int = 16, tile_batch: int | None = None, align: int = 1,
+                weights: str = "ramp") -> jax.Array:
   """fn applied to x (B, H, W, C) tile by tile; returns what fn(x) would, blended across tile overlaps.
 
   tile: tile height/width in input pixels (clipped to the image; one tile means a plain fn(x)).
@@ -66,8 +79,12 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int
   tile_batch: how many tiles (each B images) go through fn at once; None runs all tiles in one call.
   align: tile starts are multiples of this (for fn that folds pixel blocks into channels, such as a
     pixel-unshuffle, so every tile sees the same block phase as the whole image).
-  The output scale s is found from fn's output shape on one tile and must be an integer.
+  weights: "ramp" (above) or "gaussian" (a Gaussian bump on every tile, sigma = tile / 6).
+  The output scale s is found from fn's output shape on one tile: an integer, or 1/k when every tile start
+  and the image size are multiples of k (pass align=k).
   """
+  if weights not in ("ramp", "gaussian"):
+    raise ValueError(f"tiled_apply: weights must be 'ramp' or 'gaussian', got {weights!r}")
   if x.ndim != 4:
     raise ValueError(f"tiled_apply expects (B, H, W, C), got shape {x.shape}")
   b, h, w, c = x.shape
@@ -77,11 +94,16 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int
     return fn(x)
   ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
   out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((b, th, tw, c), x.dtype))
-  scale = out_shape.shape[1] // th
-  if out_shape.shape[1] != th * scale or out_shape.shape[2] != tw * scale or out_shape.shape[0] != b:
+  scale = Fraction(out_shape.shape[1], th)
+  if (Fraction(out_shape.shape[2], tw) != scale or out_shape.shape[0] != b
+      or (scale.numerator != 1 and scale.denominator != 1)):
     raise ValueError(f"tiled_apply: fn maps a {(b, th, tw, c)} tile to {out_shape.shape}, "
-                     "not an integer upscale of it")
+                     "not an integer up- or downscale of it")
+  if any((p * scale).denominator != 1 for p in (h, w, *ys, *xs)):
+    raise ValueError(f"tiled_apply: fn shrinks by {scale.denominator}; the image size {(h, w)} and the tile "
+                     f"starts must be multiples of it (pass align={scale.denominator})")
   co = out_shape.shape[3]
+  oh, ow, oth, otw = (int(v * scale) for v in (h, w, th, tw))
 
   tiles = jnp.stack([x[:, y:y + th, x0:x0 + tw] for y in ys for x0 in xs])  # (T, B, th, tw, C)
   n = tiles.shape[0]
@@ -94,18 +116,19 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int
     padded = jnp.concatenate([tiles, jnp.zeros((pad,) + tiles.shape[1:], tiles.dtype)]) if pad else tiles
     outs = jax.lax.map(fn, padded.reshape((-1, chunk) + tiles.shape[1:]))
     outs = outs.reshape((-1,) + outs.shape[2:])[:n * b]
-  outs = outs.reshape((n, b, th * scale, tw * scale, co))
+  outs = outs.reshape((n, b, oth, otw, co))
 
-  wy = _axis_weights(h, th, ys, overlap, scale)
-  wx = _axis_weights(w, tw, xs, overlap, scale)
-  total = np.zeros((h * scale, w * scale), np.float64)
-  acc = jnp.zeros((b, h * scale, w * scale, co), jnp.float32)
+  wy = _axis_weights(h, th, ys, overlap, scale, weights)
+  wx = _axis_weights(w, tw, xs, overlap, scale, weights)
+  total = np.zeros((oh, ow), np.float64)
+  acc = jnp.zeros((b, oh, ow, co), jnp.float32)
   k = 0
   for i, y in enumerate(ys):
     for j, x0 in enumerate(xs):
       weight = np.outer(wy[i], wx[j])
-      total[y * scale:(y + th) * scale, x0 * scale:(x0 + tw) * scale] += weight
-      acc = acc.at[:, y * scale:(y + th) * scale, x0 * scale:(x0 + tw) * scale].add(
+      oy, ox = int(y * scale), int(x0 * scale)
+      total[oy:oy + oth, ox:ox + otw] += weight
+      acc = acc.at[:, oy:oy + oth, ox:ox + otw].add(
           outs[k].astype(jnp.float32) * jnp.asarray(weight, jnp.float32)[None, :, :, None])
       k += 1
   if np.min(total) <= 0.0:  # cannot happen with the ramps above; guards future edits
