@@ -14,9 +14,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("jax_compat", "image_ops", "tiling", "parallel", "nn"),
     ("models",),
     ("registry", "checkpoint"),
+    # Samplers need only jax and the registry, so SD-based stage-1 activations can run them.
+    ("schedulers", "sampling"),
     ("convert",),
     ("activation", "text", "data"),
-    ("schedulers", "sampling"),
     ("color", "pipelines"),
     ("config", "train", "eval"),
 ]
