@@ -92,5 +92,6 @@ def test_remat_option_reaches_the_whole_training_program():
     counts[remat] = _remat_count(jax.make_jaxpr(jax.grad(loss_fn))(params, rest, *inputs).jaxpr)
   # TINY_UNET, resnets + transformers: U-Net down 2 + 1, mid 3, up 2 + 4; ControlNet down 2 + 1, mid 3.
   assert counts == {"none": 0, "full": 18}
+  assert {b.remat for b in set_remat(model, False).unet.up_blocks} == {"none"}  # a config's boolean switch
   with pytest.raises(ValueError, match="remat='sometimes'"):
     nnx.eval_shape(lambda: CasSRUNet(CONFIG, remat="sometimes", rngs=nnx.Rngs(0)))

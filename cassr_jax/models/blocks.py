@@ -24,7 +24,10 @@ REMAT_POLICIES = {
 }
 
 
-def check_remat(remat: str) -> str:
+def check_remat(remat: str | bool) -> str:
+  """The policy name; a config's boolean switch means "full" (True) or "none" (False)."""
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
   return remat

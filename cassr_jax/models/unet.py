@@ -233,7 +233,7 @@ class UpBlock(nnx.Module):
 
 def set_remat(model: nnx.Module, remat: str) -> nnx.Module:
   """Sets the rematerialisation policy of every U-Net / ControlNet block inside `model` (in place)."""
-  check_remat(remat)
+  remat = check_remat(remat)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, (DownBlock, MidBlock, UpBlock)):
       node.remat = remat
