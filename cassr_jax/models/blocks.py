@@ -14,6 +14,33 @@ from cassr_jax.nn import layers
 from cassr_jax.nn.attention import dot_product_attention
 from cassr_jax.nn.layers import FP32, Policy
 
+# Rematerialisation (gradient checkpointing) of the U-Net / ControlNet blocks: the name picks which values
+# of a block's forward pass the backward pass keeps; the rest is recomputed. "none" keeps everything.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,   # keep only the block inputs (least memory)
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul/conv outputs, redo the cheap ops
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(remat: str | bool) -> str:
+  """The policy name; a config's boolean switch means "full" (True) or "none" (False)."""
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+  return remat
+
+
+def remat_call(remat: str, fn, *args):
+  """fn(*args) (modules among the args), rematerialised under the named policy unless remat == "none"."""
+  if remat == "none":
+    return fn(*args)
+  # No write-back of the inputs' state (graph_updates=False): blocks mutate nothing, and a write-back would
+  # fail for modules whose variables come from an outer trace (for example frozen weights under jax.grad).
+  return nnx.remat(fn, policy=REMAT_POLICIES[remat], graph_updates=False)(*args)
+
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
                        freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:

@@ -86,13 +86,16 @@ def _tokens(feature):
 class CasSRUNet(nnx.Module):
   """Inputs: latents (B, h, w, 4), timesteps, text context, lr_up and ref images (B, 8h, 8w, 3) in [0, 1]."""
 
-  def __init__(self, config: CasSRConfig, *, policy: Policy = FP32, attention: str = "auto", rngs: nnx.Rngs):
+  def __init__(self, config: CasSRConfig, *, policy: Policy = FP32, attention: str = "auto", remat: str = "none",
+               rngs: nnx.Rngs):
+    """remat: rematerialisation policy of the U-Net and ControlNet blocks (blocks.REMAT_POLICIES); the
+    multiple attentions run inside the U-Net's transformer blocks, so they are rematerialised with them."""
     self.config = config
-    self.unet = UNet2DConditionModel(config.unet, policy=policy, attention=attention, rngs=rngs)
+    self.unet = UNet2DConditionModel(config.unet, policy=policy, attention=attention, remat=remat, rngs=rngs)
     # The hint encoder's last conv is not zeroed: CasSR reads the features directly, and a zero conv there
     # would keep LR and reference features identical and delay every hint-encoder gradient by a step.
     self.controlnet = ControlNetModel(config.controlnet, policy=policy, attention=attention,
-                                      zero_hint_out=False, rngs=rngs)
+                                      zero_hint_out=False, remat=remat, rngs=rngs)
     self.slots = tuple(self._attention_slots())  # (up block, layer, skip index) per multiple attention
     if config.multiple_attention:
       ucfg = config.unet
@@ -140,15 +143,20 @@ class CasSRUNet(nnx.Module):
       skips = [s + r for s, r in zip(skips, down_res)]
       x = x + mid_res
 
-    up_kwargs = None
-    if self.multi_attention is not None:
-      up_kwargs = [[{} for _ in block.resnets] for block in unet.up_blocks]
-      for (i, j, k), ma in zip(self.slots, self.multi_attention):
-        up_kwargs[i][j] = {
-            "before_self": functools.partial(ma.reference, features=_tokens(ref_feats[k])),
-            "after_self": functools.partial(ma.lr, features=_tokens(lr_feats[k])),
-        }
-    return unet.decode(x, skips, temb, context, up_kwargs)
+    return unet.decode(x, skips, temb, context, self.up_attention_kwargs(ref_feats, lr_feats))
+
+  def up_attention_kwargs(self, ref_feats, lr_feats):
+    """Per up block and layer, the hooks that run the multiple attention around the self-attention
+    (None without multiple attention); ref_feats / lr_feats: ControlNet features per skip index."""
+    if self.multi_attention is None:
+      return None
+    up_kwargs = [[{} for _ in block.resnets] for block in self.unet.up_blocks]
+    for (i, j, k), ma in zip(self.slots, self.multi_attention):
+      up_kwargs[i][j] = {
+          "before_self": functools.partial(ma.reference, features=_tokens(ref_feats[k])),
+          "after_self": functools.partial(ma.lr, features=_tokens(lr_feats[k])),
+      }
+    return up_kwargs
 
   def trained_parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """ControlNet and multiple attention train, minus the ControlNet parts that cannot influence the output;
@@ -179,11 +187,11 @@ class CasSRUNet(nnx.Module):
 
 def cassr_from_pretrained(unet: UNet2DConditionModel, config: CasSRConfig | None = None,
                           controlnet: ControlNetModel | None = None, *, policy: Policy = FP32,
-                          attention: str = "auto", seed: int = 0) -> CasSRUNet:
+                          attention: str = "auto", remat: str = "none", seed: int = 0) -> CasSRUNet:
   """CasSR initialised from a (converted) SD U-Net: the ControlNet copies the U-Net's encoder (ControlNet's
   recipe) unless a converted ControlNet is given; multiple-attention output projections start at zero."""
   config = config or CasSRConfig.from_unet(unet.config)
-  model = CasSRUNet(config, policy=policy, attention=attention, rngs=nnx.Rngs(seed))
+  model = CasSRUNet(config, policy=policy, attention=attention, remat=remat, rngs=nnx.Rngs(seed))
   nnx.update(model.unet, nnx.state(unet, nnx.Param))
   if controlnet is not None:
     nnx.update(model.controlnet, nnx.state(controlnet, nnx.Param))
@@ -192,8 +200,9 @@ def cassr_from_pretrained(unet: UNet2DConditionModel, config: CasSRConfig | None
   return model
 
 
-def build(config: CasSRConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention: str = "auto"):
-  return CasSRUNet(config, policy=policy, attention=attention, rngs=rngs)
+def build(config: CasSRConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention: str = "auto",
+          remat: str = "none"):
+  return CasSRUNet(config, policy=policy, attention=attention, remat=remat, rngs=rngs)
 
 
 MODEL_KIND = ModelKind(CasSRConfig, build)

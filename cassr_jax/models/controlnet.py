@@ -75,7 +75,7 @@ class ControlNetModel(nnx.Module):
   expected range (diffusers' SD ControlNets take [0, 1])."""
 
   def __init__(self, config: ControlNetConfig, *, policy: Policy = FP32, attention: str = "auto",
-               zero_hint_out: bool = True, rngs: nnx.Rngs):
+               zero_hint_out: bool = True, remat: str = "none", rngs: nnx.Rngs):
     cfg = self.config = config
     kw = dict(policy=policy, rngs=rngs)
     ch = cfg.block_out_channels
@@ -85,8 +85,8 @@ class ControlNetModel(nnx.Module):
     self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
         cfg.conditioning_channels, ch[0], cfg.conditioning_embedding_out_channels, zero_out=zero_hint_out, **kw)
     self.down_blocks = nnx.List([
-        DownBlock(cfg, i, ch[max(i - 1, 0)], attention=attention, **kw) for i in range(len(ch))])
-    self.mid_block = MidBlock(cfg, attention=attention, **kw)
+        DownBlock(cfg, i, ch[max(i - 1, 0)], attention=attention, remat=remat, **kw) for i in range(len(ch))])
+    self.mid_block = MidBlock(cfg, attention=attention, remat=remat, **kw)
     skip_channels = [ch[0]]
     for i, c in enumerate(ch):
       skip_channels += [c] * cfg.layers_per_block + ([c] if i < len(ch) - 1 else [])
@@ -113,7 +113,7 @@ class ControlNetModel(nnx.Module):
 
 
 def controlnet_from_unet(unet: UNet2DConditionModel, *, policy: Policy = FP32, attention: str = "auto",
-                         zero_hint_out: bool = True, seed: int = 0,
+                         zero_hint_out: bool = True, seed: int = 0, remat: str = "none",
                          conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)):
   """ControlNet's own recipe: copy the U-Net's conv_in, time MLP, down path and mid block; zero convs zero.
 
@@ -122,7 +122,7 @@ def controlnet_from_unet(unet: UNet2DConditionModel, *, policy: Policy = FP32, a
   """
   config = ControlNetConfig.from_unet(
       unet.config, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels))
-  net = ControlNetModel(config, policy=policy, attention=attention, zero_hint_out=zero_hint_out,
+  net = ControlNetModel(config, policy=policy, attention=attention, zero_hint_out=zero_hint_out, remat=remat,
                         rngs=nnx.Rngs(seed))
   copy_unet_encoder(unet, net)
   return net
@@ -138,8 +138,9 @@ def copy_unet_encoder(unet: UNet2DConditionModel, net: ControlNetModel) -> None:
 
 
 def build(config: ControlNetConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention: str = "auto",
-          zero_hint_out: bool = True):
-  return ControlNetModel(config, policy=policy, attention=attention, zero_hint_out=zero_hint_out, rngs=rngs)
+          zero_hint_out: bool = True, remat: str = "none"):
+  return ControlNetModel(config, policy=policy, attention=attention, zero_hint_out=zero_hint_out, remat=remat,
+                         rngs=rngs)
 
 
 MODEL_KIND = ModelKind(ControlNetConfig, build)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from cassr_jax.models import ModelKind
 from cassr_jax.models.blocks import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel,
-                                     Upsample2D, timestep_embedding)
+                                     Upsample2D, check_remat, remat_call, timestep_embedding)
 from cassr_jax.nn import layers
 from cassr_jax.nn.layers import FP32, Policy
 
@@ -140,10 +140,20 @@ def _transformer(cfg: UNetConfig, channels: int, heads: int, attention: str, pol
       upcast=cfg.upcast_attention, attention=attention, policy=policy, rngs=rngs)
 
 
+def _resnet(resnet, x, temb):
+  return resnet(x, temb)
+
+
+def _attend(attention, x, context):
+  return attention(x, context)
+
+
 class DownBlock(nnx.Module):
   """CrossAttnDownBlock2D (with attentions) or DownBlock2D (without)."""
 
-  def __init__(self, cfg: UNetConfig, index: int, in_ch: int, *, attention: str, policy: Policy, rngs: nnx.Rngs):
+  def __init__(self, cfg: UNetConfig, index: int, in_ch: int, *, attention: str, policy: Policy, rngs: nnx.Rngs,
+               remat: str = "none"):
+    self.remat = check_remat(remat)
     out_ch = cfg.block_out_channels[index]
     kw = dict(policy=policy, rngs=rngs)
     res_kw = dict(temb_ch=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw)
@@ -158,9 +168,9 @@ class DownBlock(nnx.Module):
   def __call__(self, x, temb, context):
     skips = []
     for j, resnet in enumerate(self.resnets):
-      x = resnet(x, temb)
+      x = remat_call(self.remat, _resnet, resnet, x, temb)
       if self.attentions is not None:
-        x = self.attentions[j](x, context)
+        x = remat_call(self.remat, _attend, self.attentions[j], x, context)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
@@ -171,7 +181,8 @@ class DownBlock(nnx.Module):
 class MidBlock(nnx.Module):
   """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
 
-  def __init__(self, cfg: UNetConfig, *, attention: str, policy: Policy, rngs: nnx.Rngs):
+  def __init__(self, cfg: UNetConfig, *, attention: str, policy: Policy, rngs: nnx.Rngs, remat: str = "none"):
+    self.remat = check_remat(remat)
     ch = cfg.block_out_channels[-1]
     kw = dict(policy=policy, rngs=rngs)
     res_kw = dict(temb_ch=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw)
@@ -179,16 +190,17 @@ class MidBlock(nnx.Module):
     self.attentions = nnx.List([_transformer(cfg, ch, cfg.heads[-1], attention, **kw)])
 
   def __call__(self, x, temb, context):
-    x = self.resnets[0](x, temb)
-    x = self.attentions[0](x, context)
-    return self.resnets[1](x, temb)
+    x = remat_call(self.remat, _resnet, self.resnets[0], x, temb)
+    x = remat_call(self.remat, _attend, self.attentions[0], x, context)
+    return remat_call(self.remat, _resnet, self.resnets[1], x, temb)
 
 
 class UpBlock(nnx.Module):
   """CrossAttnUpBlock2D or UpBlock2D: each layer concatenates one skip connection (last-in, first-out)."""
 
   def __init__(self, cfg: UNetConfig, index: int, prev_ch: int, *, attention: str, policy: Policy,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, remat: str = "none"):
+    self.remat = check_remat(remat)
     rev = tuple(reversed(cfg.block_out_channels))
     out_ch = rev[index]
     skip_in = rev[min(index + 1, len(rev) - 1)]
@@ -207,13 +219,25 @@ class UpBlock(nnx.Module):
     """skips: this block's skip tensors in consumption order. attention_kwargs: per-layer extra inputs
     for the transformer blocks (used by CasSR's multiple attention)."""
     for j, resnet in enumerate(self.resnets):
-      x = resnet(jnp.concatenate([x, skips[j]], axis=-1), temb)
+      x = remat_call(self.remat, _resnet, resnet, jnp.concatenate([x, skips[j]], axis=-1), temb)
       if self.attentions is not None:
         extra = attention_kwargs[j] if attention_kwargs is not None else {}
-        x = self.attentions[j](x, context, **extra)
+        # The hooks (CasSR's multiple attention) run inside the rematerialised block: their modules and
+        # features enter as closed-over values, which jax.checkpoint differentiates like arguments.
+        x = remat_call(self.remat, lambda attn, x, context: attn(x, context, **extra), self.attentions[j], x,
+                       context)
     if self.upsamplers is not None:
       x = self.upsamplers[0](x)
     return x
+
+
+def set_remat(model: nnx.Module, remat: str) -> nnx.Module:
+  """Sets the rematerialisation policy of every U-Net / ControlNet block inside `model` (in place)."""
+  remat = check_remat(remat)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, (DownBlock, MidBlock, UpBlock)):
+      node.remat = remat
+  return model
 
 
 def embed_timesteps(time_embedding: TimestepEmbedding, cfg: UNetConfig, timesteps, batch: int, dtype):
@@ -236,18 +260,20 @@ def down_path(down_blocks, x, temb, context):
 class UNet2DConditionModel(nnx.Module):
   """SD U-Net. Inputs: latents (B, H, W, C), timesteps (B,), text context (B, T, D); NHWC output."""
 
-  def __init__(self, config: UNetConfig, *, policy: Policy = FP32, attention: str = "auto", rngs: nnx.Rngs):
+  def __init__(self, config: UNetConfig, *, policy: Policy = FP32, attention: str = "auto", remat: str = "none",
+               rngs: nnx.Rngs):
+    """remat: rematerialisation policy of every resnet and transformer block (blocks.REMAT_POLICIES)."""
     cfg = self.config = config
     kw = dict(policy=policy, rngs=rngs)
     ch = cfg.block_out_channels
     self.conv_in = layers.conv(cfg.in_channels, ch[0], 3, **kw)
     self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, **kw)
     self.down_blocks = nnx.List([
-        DownBlock(cfg, i, ch[max(i - 1, 0)], attention=attention, **kw) for i in range(len(ch))])
-    self.mid_block = MidBlock(cfg, attention=attention, **kw)
+        DownBlock(cfg, i, ch[max(i - 1, 0)], attention=attention, remat=remat, **kw) for i in range(len(ch))])
+    self.mid_block = MidBlock(cfg, attention=attention, remat=remat, **kw)
     rev = tuple(reversed(ch))
     self.up_blocks = nnx.List([
-        UpBlock(cfg, i, rev[max(i - 1, 0)], attention=attention, **kw) for i in range(len(ch))])
+        UpBlock(cfg, i, rev[max(i - 1, 0)], attention=attention, remat=remat, **kw) for i in range(len(ch))])
     self.conv_norm_out = layers.group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
     self.conv_out = layers.conv(ch[0], cfg.out_channels, 3, **kw)
     self.dtype = policy.dtype
@@ -286,8 +312,9 @@ class UNet2DConditionModel(nnx.Module):
     return self.decode(x, skips, temb, context)
 
 
-def build(config: UNetConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention: str = "auto"):
-  return UNet2DConditionModel(config, policy=policy, attention=attention, rngs=rngs)
+def build(config: UNetConfig, *, policy: Policy = FP32, rngs: nnx.Rngs, attention: str = "auto",
+          remat: str = "none"):
+  return UNet2DConditionModel(config, policy=policy, attention=attention, remat=remat, rngs=rngs)
 
 
 MODEL_KIND = ModelKind(UNetConfig, build)

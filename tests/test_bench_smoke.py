@@ -1,0 +1,21 @@
+"""The GPU benchmark script runs end to end on the CPU in its CI-sized form (so it cannot rot)."""
+import os
+import re
+import subprocess
+
+
+def test_gpu_bench_script_smoke():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
+  result = subprocess.run(["bash", "scripts/bench/gpu.sh", "--smoke"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+  out = result.stdout
+  assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+  table = out[out.index("## Benchmarks"):]
+  assert "| what | step / status | images/s | TFLOP/step | MFU | peak memory | ours/torch |" in table
+  row = re.search(r"^\| train step micro 32px b1 float32 ma=on remat=full \| ([0-9.]+) s \| ([0-9.]+) img/s \| "
+                  r"([0-9.e-]+) TFLOP \| n/a \| n/a \| ([0-9.]+) \|$", table, re.M)
+  assert row, table
+  step_s, images_s, tflop, ratio = map(float, row.groups())
+  assert step_s > 0 and images_s > 0 and tflop > 0 and ratio > 0
+  assert "| unet_forward_cli | ok" in table
