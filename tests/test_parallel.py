@@ -8,7 +8,8 @@ from flax import nnx
 
 from cassr_fixtures import TINY_UNET
 from cassr_jax import parallel
-from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet, trainable_filter
+from cassr_jax.models import trainable_filter
+from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from conftest import jit_call, relative_max_error
 

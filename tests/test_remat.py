@@ -7,7 +7,8 @@ from flax import nnx
 
 from cassr_fixtures import TINY_UNET
 from cassr_jax import checkpoint
-from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet, trainable_filter
+from cassr_jax.models import trainable_filter
+from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet
 from cassr_jax.models.unet import CROSS_UP, UNetConfig, set_remat
 from conftest import relative_max_error
 

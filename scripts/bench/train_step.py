@@ -32,7 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet, trainable_filter
+from cassr_jax.models import trainable_filter
+from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet
 from cassr_jax.models.controlnet import ControlNetConfig
 from cassr_jax.models.unet import UNetConfig
 from cassr_jax.models.vae import AutoencoderKL, VAEConfig
