@@ -6,8 +6,7 @@
 #
 # Installs nothing (the environment must already have the package, jax for the GPU, torch and diffusers).
 # Runs from the repository root; each step has its own time limit and a failed step is reported in the
-# table without stopping the others. Benchmarks print their table rows ('| ... |') with --table-row; a
-# future scripts/bench/infer.py is run the same way (with --smoke in smoke mode) once the file exists.
+# table without stopping the others. Benchmarks print their table rows ('| ... |') with --table-row.
 set -u
 cd "$(dirname "$0")/../.."
 SMOKE=0
@@ -49,7 +48,7 @@ if [[ $SMOKE -eq 1 ]]; then
   # The U-Net forward benchmark builds the full SD-1.5 U-Net in both frameworks (minutes on a CPU): smoke
   # mode checks that it still starts.
   step unet_forward_cli 60 python scripts/bench/unet_forward.py --help
-  [[ -f scripts/bench/infer.py ]] && step infer 120 python scripts/bench/infer.py --smoke --table-row
+  step infer_tiny 200 python scripts/bench/infer.py --model tiny --lr-size 8 --steps 1 --repeats 1 --table-row
 else
   VS_TORCH=()
   [[ $TORCH_CUDA -eq 1 ]] && VS_TORCH=(--vs-torch)
@@ -59,7 +58,8 @@ else
     --dtype bfloat16 --no-multiple-attention --runs 5 --table-row "${VS_TORCH[@]}"
   step train_step_sd15 180 python scripts/bench/train_step.py --sd15 --resolution 512 --batch 4 \
     --dtype bfloat16 --runs 5 --table-row
-  [[ -f scripts/bench/infer.py ]] && step infer 150 python scripts/bench/infer.py --table-row
+  step infer_sd15 240 python scripts/bench/infer.py --model sd --lr-size 128 --steps 20 --batch 1 8 \
+    --attention auto --table-row "${VS_TORCH[@]}"
 fi
 
 # unet_forward.py prints prose; its medians become a row here.

@@ -171,6 +171,7 @@ def main(argv=None):
   parser.add_argument("--memory", type=int, nargs="*", default=None, help="output sides for --memory")
   parser.add_argument("--tile", type=int, default=64, help="latent tile (and VAE tile) for --memory")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--table-row", action="store_true", help="also print '| ... |' rows (scripts/bench/gpu.sh)")
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count() or 1)
@@ -213,6 +214,11 @@ def main(argv=None):
           line += (f"; torch {row['torch']['s_per_image']:.3f} s/image; ratio ours/torch "
                    f"{row['ratio_ours_over_torch']:.2f}")
         print(line, flush=True)
+        if args.table_row:
+          ratio = f"{row['ratio_ours_over_torch']:.2f}" if args.vs_torch else ""
+          print(f"| infer {args.model} {args.lr_size}->{4 * args.lr_size}, {steps} steps, CFG {args.cfg}, "
+                f"batch {batch} | {o['s_per_image']:.3f} s/image (compile {o['compile_s']:.0f} s) | "
+                f"{o['images_per_s']:.2f} | | | | {ratio} |", flush=True)
         runs.append(row)
     results["runs"] = runs
   if args.json:
