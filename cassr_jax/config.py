@@ -135,6 +135,10 @@ def _unknown_keys(config, reference, prefix: str) -> list[str]:
   problems = []
   for key in config.keys():
     path = f"{prefix}{key}"
+    if path == "data.batch_size":
+      problems.append("data.batch_size: do not set it; train.batch_size is the GLOBAL batch and the per-host "
+                      "batch is derived from it")
+      continue
     if key not in reference:
       problems.append(f"{path}: unknown key (known here: {sorted(reference.keys())})")
       continue
@@ -245,9 +249,6 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
          f"text.prompt_dropout={c.text.prompt_dropout!r}: expected a number in [0, 1]")
 
   # data
-  if "batch_size" in c.data:
-    problems.append("data.batch_size: do not set it; train.batch_size is the GLOBAL batch and the per-host "
-                    "batch is derived from it")
   from cassr_jax.data import sources  # pylint: disable=import-outside-toplevel
   try:
     specs = sources.parse_sources(c.data.sources)

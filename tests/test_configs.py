@@ -9,7 +9,7 @@ import pytest
 from cassr_jax.config import GENERAL_PROMPT, ConfigError, base_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["base", "a100x8", "h100x8", "tpu_v5e_pod", "tiny"]
+CONFIGS = {"base": 4, "a100x8": 8, "h100x8": 8, "tpu_v5e_pod": 32, "tiny": 8}  # name -> its device count
 
 
 def load_config_file(name, cwd):
@@ -40,7 +40,7 @@ def test_config_files_load_from_any_directory_and_validate(name, tmp_path, image
   assert config.data.scale == 4
   assert "batch_size" not in config.data  # the per-host batch is derived, never copied
   config.data.sources = f"folder:{images}"
-  validate_config(config, device_count=8, process_count=1)
+  validate_config(config, device_count=CONFIGS[name], process_count=1)
 
 
 def test_overrides_differ_from_base(tmp_path):

@@ -91,17 +91,3 @@ def test_frozen_bit_identical_and_optimizer_state_for_trainables_only(trainers):
   opt_total = sum(x.size for x in jax.tree.leaves(state["opt"]))
   assert opt_total == 2 * n_trainable + 2  # mu, nu, Adam's count and the optimizer's step
   assert n_frozen > n_trainable > 0
-
-
-def test_gradient_accumulation_equals_one_big_batch(trainers):
-  _, eight = trainers
-  config = tiny_config(grad_accum=2, batch_size=16)
-  accum = Trainer(config, build_components(config), eight.mesh)
-  batch = {k: np.concatenate([a, b]) for (k, a), b in zip(fixed_batch().items(), fixed_batch(seed=1).values())}
-  batch["index"] = np.arange(16, dtype=np.int32)
-  full_config = tiny_config(batch_size=16)
-  full = Trainer(full_config, build_components(full_config), eight.mesh)
-  sa, ma = accum.step(accum.init_state(), accum.frozen, host_local_to_global(batch, eight.mesh))
-  sf, mf = full.step(full.init_state(), full.frozen, host_local_to_global(batch, eight.mesh))
-  assert abs(float(ma["loss"]) - float(mf["loss"])) <= 1e-5 * abs(float(mf["loss"]))
-  assert max(relative_max_error(a, b) for a, b in zip(leaves(sa["params"]), leaves(sf["params"]))) <= 1e-5

@@ -19,7 +19,7 @@ from cassr_jax.config import parse_model_switches
 from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet, cassr_from_pretrained
 from cassr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from cassr_jax.models.controlnet import ControlNetConfig
-from cassr_jax.models.unet import UNetConfig
+from cassr_jax.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNetConfig
 from cassr_jax.models.vae import AutoencoderKL, VAEConfig
 from cassr_jax.nn.layers import Policy
 from cassr_jax.schedulers import NoiseSchedule, load_schedule_config, make_schedule
@@ -36,13 +36,15 @@ class RandomModel:
   text: CLIPTextConfig
 
 
-# Shapes mirror SD-1.5 (3 cross-attention levels, VAE x8, hint = 8x latent) at a small width.
+# SD-1.5's structure in miniature: VAE x8 (so the hint image is 8x the latent, as the ControlNet's hint encoder
+# expects), a cross-attention U-Net level with multiple attention, a plain level; few ops, so it compiles fast.
 RANDOM_MODELS = {
     "tiny": RandomModel(
-        unet=UNetConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, heads=(2, 2, 2, 2),
+        unet=UNetConfig(block_out_channels=(16, 32), down_block_types=(CROSS_DOWN, PLAIN_DOWN),
+                        up_block_types=(PLAIN_UP, CROSS_UP), layers_per_block=1, heads=(2, 2),
                         cross_attention_dim=32, norm_num_groups=8),
-        vae=VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4),
-        text=CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vae=VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+        text=CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2)),
 }
 
