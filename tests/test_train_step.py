@@ -91,3 +91,22 @@ def test_frozen_bit_identical_and_optimizer_state_for_trainables_only(trainers):
   opt_total = sum(x.size for x in jax.tree.leaves(state["opt"]))
   assert opt_total == 2 * n_trainable + 2  # mu, nu, Adam's count and the optimizer's step
   assert n_frozen > n_trainable > 0
+
+
+def test_tiny_model_overfits_one_fixed_batch(trainers):
+  """Same batch, same noise and timesteps every step (the step counter that seeds them is held at 0): the
+  loss must halve. The step count it takes is printed (pytest -s) for the README."""
+  _, eight = trainers
+  batch = host_local_to_global(fixed_batch(), eight.mesh)
+  state = eight.init_state()
+  zero = state["step"]
+  first = None
+  for step in range(1, 201):
+    state["step"] = jax.device_put(np.zeros((), np.int32), zero.sharding)
+    state, metrics = eight.step(state, eight.frozen, batch)
+    loss = float(metrics["loss"])
+    first = loss if first is None else first
+    if loss <= first / 2:
+      break
+  print(f"\ntiny CasSR: loss {first:.4f} -> {loss:.4f} (halved) after {step} steps on one fixed batch")
+  assert loss <= first / 2, (first, loss)

@@ -137,13 +137,16 @@ class Trainer:
 
   # -- state ----------------------------------------------------------------------------------------------
   def init_state(self) -> TrainState:
-    params = place(self._initial_params, self.param_shardings)
+    # Fresh buffers for everything that will be donated: device_put may alias the host model's arrays, and
+    # XLA may return one buffer for equal outputs (Adam's zero mu and nu).
+    params = jax.device_put(self._initial_params, self.param_shardings, may_alias=False)
     rep = replicated(self.mesh)
     key = jax.random.key(int(self.config.seed), impl=KEY_IMPL)
-    state = {"params": params, "opt": self._init_opt(params, self.frozen),
+    opt = jax.tree.map(jnp.copy, self._init_opt(params, self.frozen))
+    state = {"params": params, "opt": opt,
              "step": place(jnp.zeros((), jnp.int32), rep), "rng": place(jax.random.key_data(key), rep)}
     if self.ema_decay > 0:
-      state["ema"] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_shardings)(params)
+      state["ema"] = jax.tree.map(jnp.copy, params)
     return state
 
   def abstract_state(self) -> TrainState:
