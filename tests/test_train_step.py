@@ -56,7 +56,11 @@ def test_eight_devices_equal_one(trainers):
   s1, m1 = one.step(one.init_state(), one.frozen, host_local_to_global(batch, one.mesh))
   s8, m8 = eight.step(eight.init_state(), eight.frozen, host_local_to_global(batch, eight.mesh))
   assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * abs(float(m1["loss"]))
-  worst = max(relative_max_error(b, a) for a, b in zip(leaves(s1["params"]), leaves(s8["params"])))
+  # Relative to the largest trained parameter: on zero-initialised leaves Adam's first update is
+  # lr * g / (|g| + eps), which amplifies the reduction-order noise of near-zero gradients (per leaf ~1e-4).
+  p1, p8 = leaves(s1["params"]), leaves(s8["params"])
+  scale = max(np.max(np.abs(a)) for a in p1)
+  worst = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p8)) / scale
   assert worst <= 1e-5, worst
   # The update really moved the trained parameters (a step that changed nothing would also "match").
   before = leaves(one.init_state()["params"])

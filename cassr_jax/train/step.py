@@ -50,9 +50,21 @@ def host_local_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, 
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def place(tree, shardings):
-  """Puts a host or single-device pytree on the mesh (every process holds the same values)."""
-  return jax.device_put(tree, shardings)
+def place(tree, shardings, *, copy: bool = False):
+  """Puts a host or single-device pytree on the mesh (every process holds the same values).
+
+  `shardings` may be a prefix of `tree` (one sharding per nnx.Variable). copy: never alias the input buffers.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings, may_alias=False if copy else None)
+
+  def put(sharding, subtree):  # each process builds its own shards from its host copy
+    def one(x):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(one, subtree)
+
+  return jax.tree.map(put, shardings, tree)
 
 
 def model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,7 +151,7 @@ class Trainer:
   def init_state(self) -> TrainState:
     # Fresh buffers for everything that will be donated: device_put may alias the host model's arrays, and
     # XLA may return one buffer for equal outputs (Adam's zero mu and nu).
-    params = jax.device_put(self._initial_params, self.param_shardings, may_alias=False)
+    params = place(self._initial_params, self.param_shardings, copy=True)
     rep = replicated(self.mesh)
     key = jax.random.key(int(self.config.seed), impl=KEY_IMPL)
     opt = jax.tree.map(jnp.copy, self._init_opt(params, self.frozen))
@@ -151,8 +163,18 @@ class Trainer:
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings of the state (the restore target of a checkpoint)."""
-    # eval_shape of a jit with out_shardings gives ShapeDtypeStructs that carry their shardings.
-    return jax.eval_shape(jax.jit(self.init_state, out_shardings=self.state_shardings))
+    def structs(sharding, subtree):
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), subtree)
+
+    params = jax.tree.map(structs, self.param_shardings, self._initial_params)
+    rep = replicated(self.mesh)
+    key_data = jax.random.key_data(jax.random.key(0, impl=KEY_IMPL))
+    state = {"params": params, "opt": jax.eval_shape(self._init_opt, params, self.frozen),
+             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+             "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=rep)}
+    if self.ema_decay > 0:
+      state["ema"] = params
+    return state
 
   def _merge(self, params, frozen):
     return nnx.merge(self.graphdef, params, frozen["model"])
