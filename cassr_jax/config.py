@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.runtime.attention = "auto"
   c.runtime.param_dtype = "float32"          # fp32 master weights
   c.runtime.dtype = "bfloat16"               # compute
-  c.runtime.remat = True                     # recompute U-Net / ControlNet blocks in the backward pass
+  c.runtime.remat = "full"                   # U-Net / ControlNet block rematerialisation policy ("none": off)
 
   # Stage 1: name plus that activation's options (e.g. weights for rrdbnet); "paired" = from the data set.
   c.activation = ml_collections.ConfigDict({"name": "rrdbnet"})
@@ -219,7 +219,10 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
          f"{ATTENTIONS}")
   for key in ("param_dtype", "dtype"):
     _check(problems, c.runtime[key] in DTYPES, f"runtime.{key}={c.runtime[key]!r}: not one of {DTYPES}")
-  _check(problems, isinstance(c.runtime.remat, bool), f"runtime.remat={c.runtime.remat!r}: expected True/False")
+  from cassr_jax.models import blocks  # pylint: disable=import-outside-toplevel
+  remat_policies = getattr(blocks, "REMAT_POLICIES", ("none", "full"))
+  _check(problems, c.runtime.remat in remat_policies,
+         f"runtime.remat={c.runtime.remat!r}: not one of {tuple(remat_policies)}")
 
   # activation
   act = dict(c.activation.to_dict())

@@ -13,7 +13,7 @@ def get_config():
   c.init.random = "tiny"
   c.runtime.attention = "xla"
   c.runtime.dtype = "float32"
-  c.runtime.remat = False
+  c.runtime.remat = "none"
   c.activation.name = "bicubic"
   c.data.crop_size = 64
   c.data.num_workers = 0

@@ -14,7 +14,7 @@ def get_config():
   c = base_config()
   c.runtime.attention = "auto"
   c.runtime.dtype = "bfloat16"
-  c.runtime.remat = True
+  c.runtime.remat = "full"
   c.train.batch_size = 64
   c.mesh.fsdp = 8
   c.mesh.data = -1

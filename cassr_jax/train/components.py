@@ -87,7 +87,7 @@ def runtime_options(config, build) -> dict:
   """attention (always) and remat (when this version of the model accepts it)."""
   options = {"attention": config.runtime.attention}
   if "remat" in inspect.signature(build).parameters:
-    options["remat"] = bool(config.runtime.remat)
+    options["remat"] = str(config.runtime.remat)
   return options
 
 
