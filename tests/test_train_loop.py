@@ -174,28 +174,17 @@ def test_sigterm_saves_and_exits_cleanly(images, tmp_path, cache_dir):
 
 
 def test_injected_nan_stops_with_the_step_and_keeps_the_checkpoint(images, tmp_path, monkeypatch, reference):
-  make = loop.make_data_iterator
+  calls = []
+  clean = loop.model_batch
 
-  def poisoned(config):
-    it = make(config)
+  def poisoned(batch):  # the third training batch carries a NaN image
+    calls.append(1)
+    batch = clean(batch)
+    if len(calls) == 3:
+      batch = dict(batch, hr=np.full_like(batch["hr"], np.nan))
+    return batch
 
-    class Poisoned:
-      def __init__(self):
-        self.n = 0
-
-      def __next__(self):
-        batch = next(it)
-        self.n += 1
-        if self.n == 3:
-          batch = dict(batch, hr=np.full_like(batch["hr"], np.nan))
-        return batch
-
-      def __getattr__(self, name):
-        return getattr(it, name)
-
-    return Poisoned()
-
-  monkeypatch.setattr(loop, "make_data_iterator", poisoned)
+  monkeypatch.setattr(loop, "model_batch", poisoned)
   workdir = tmp_path / "nan"
   with pytest.raises(FloatingPointError, match="at step 3"):
     loop.train_and_evaluate(tiny(images, STEPS, val_every=0), str(workdir))
