@@ -1,0 +1,170 @@
+"""What a run starts from (config.init): the CasSR U-Net, the frozen VAE and CLIP text encoder, the tokenizer
+and the noise schedule, from converted / convertible SD-1.5 weights or a named random model built in code.
+
+The frozen weights always come from here (never from a training checkpoint), so init must be deterministic:
+pretrained weights are read from disk, random ones from config.seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import zlib
+
+import numpy as np
+from flax import nnx
+
+from cassr_jax import checkpoint
+from cassr_jax.config import parse_model_switches
+from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet, cassr_from_pretrained
+from cassr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from cassr_jax.models.controlnet import ControlNetConfig
+from cassr_jax.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNetConfig
+from cassr_jax.models.vae import AutoencoderKL, VAEConfig
+from cassr_jax.nn.layers import Policy
+from cassr_jax.schedulers import NoiseSchedule, load_schedule_config, make_schedule
+
+PRETRAINED_DIR = "pretrained"   # <workdir>/pretrained: where a non-converted init.pretrained is converted to
+COMPONENT_DIRS = ("unet", "vae", "text_encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomModel:
+  """Configs of a random model built in code (tests and offline demos)."""
+  unet: UNetConfig
+  vae: VAEConfig
+  text: CLIPTextConfig
+
+
+# SD-1.5's structure in miniature: VAE x8 (so the hint image is 8x the latent, as the ControlNet's hint encoder
+# expects), a cross-attention U-Net level with multiple attention, a plain level; few ops, so it compiles fast.
+RANDOM_MODELS = {
+    "tiny": RandomModel(
+        unet=UNetConfig(block_out_channels=(16, 32), down_block_types=(CROSS_DOWN, PLAIN_DOWN),
+                        up_block_types=(PLAIN_UP, CROSS_UP), layers_per_block=1, heads=(2, 2),
+                        cross_attention_dim=32, norm_num_groups=8),
+        vae=VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+        text=CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2)),
+}
+
+
+class HashTokenizer:
+  """A deterministic word-hash tokenizer for random text encoders (no vocabulary files needed).
+
+  Same call convention as transformers' CLIPTokenizer as used by cassr_jax.text.tokenize: <bos> ids <eos>,
+  padded with <eos> to max_length.
+  """
+
+  def __init__(self, vocab_size: int):
+    self.vocab_size = vocab_size
+    self.bos, self.eos = vocab_size - 2, vocab_size - 1
+
+  def __call__(self, prompts, *, padding="max_length", max_length=77, truncation=True, return_tensors="np"):
+    del padding, truncation, return_tensors
+    rows = []
+    for prompt in prompts:
+      words = [zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in prompt.lower().split()]
+      ids = ([self.bos] + words)[:max_length - 1] + [self.eos]
+      rows.append(ids + [self.eos] * (max_length - len(ids)))
+    return {"input_ids": np.asarray(rows, np.int32)}
+
+
+@dataclasses.dataclass
+class Components:
+  model: CasSRUNet
+  vae: AutoencoderKL | None
+  text_encoder: CLIPTextModel | None
+  tokenizer: object
+  schedule: NoiseSchedule
+
+
+def policy_of(config) -> Policy:
+  return Policy.parse(config.runtime.param_dtype, config.runtime.dtype)
+
+
+def runtime_options(config, build) -> dict:
+  """attention (always) and remat (when this version of the model accepts it)."""
+  options = {"attention": config.runtime.attention}
+  if "remat" in inspect.signature(build).parameters:
+    options["remat"] = str(config.runtime.remat)
+  return options
+
+
+def is_converted_dir(path: str) -> bool:
+  return all(os.path.isfile(os.path.join(path, c, checkpoint.MODEL_FILE)) for c in COMPONENT_DIRS)
+
+
+def converted_pretrained(config, workdir: str | None) -> str:
+  """A directory of converted components for config.init.pretrained, converting on first use."""
+  source = os.path.expanduser(str(config.init.pretrained))
+  if os.path.isdir(source) and is_converted_dir(source):
+    return source
+  if workdir is None:
+    raise ValueError(f"init.pretrained={source!r} is not a converted directory and no workdir was given to "
+                     "convert it into")
+  out = os.path.join(workdir, PRETRAINED_DIR)
+  if is_converted_dir(out):
+    return out
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  if jax.process_index() == 0:
+    from cassr_jax.convert.diffusers import convert  # pylint: disable=import-outside-toplevel
+    convert(source, out, components=COMPONENT_DIRS)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("cassr_jax.train: pretrained weights converted")
+  if not is_converted_dir(out):
+    raise FileNotFoundError(f"{out}: conversion of {source!r} left no {COMPONENT_DIRS} (a shared filesystem "
+                            "is needed on multi-host runs)")
+  return out
+
+
+def _cassr_config(config, unet_config: UNetConfig) -> CasSRConfig:
+  switches = parse_model_switches(config)
+  return dataclasses.replace(switches, unet=unet_config, controlnet=ControlNetConfig.from_unet(unet_config))
+
+
+def build_components(config, workdir: str | None = None, *, model_only: bool = False) -> Components:
+  """The models of config.init with config.runtime's dtypes and attention (frozen parts deterministic).
+
+  model_only: only the CasSR U-Net (and the schedule); vae, text_encoder and tokenizer are None.
+  """
+  policy = policy_of(config)
+  options = runtime_options(config, CasSRUNet.__init__)
+  if config.init.random:
+    spec = RANDOM_MODELS[str(config.init.random)]
+    rngs = nnx.Rngs(int(config.seed))
+    model = CasSRUNet(_cassr_config(config, spec.unet), policy=policy, rngs=rngs, **options)
+    # An untrained CasSR must start from "SD + ControlNet": the ControlNet copies the U-Net encoder and the
+    # multiple-attention output projections are zero, as with pretrained weights.
+    from cassr_jax.models.controlnet import copy_unet_encoder  # pylint: disable=import-outside-toplevel
+    copy_unet_encoder(model.unet, model.controlnet)
+    if model_only:
+      return Components(model, None, None, None, make_schedule())
+    vae = AutoencoderKL(spec.vae, policy=policy, attention=config.runtime.attention, rngs=nnx.Rngs(int(config.seed) + 1))
+    text_encoder = CLIPTextModel(spec.text, policy=Policy(policy.param_dtype, policy.param_dtype),
+                                 attention="xla", rngs=nnx.Rngs(int(config.seed) + 2))
+    return Components(model, vae, text_encoder, HashTokenizer(spec.text.vocab_size), make_schedule())
+
+  root = converted_pretrained(config, workdir)
+  unet = checkpoint.load_model(os.path.join(root, "unet"), policy=policy, attention=config.runtime.attention)
+  controlnet = None
+  if config.init.controlnet:
+    controlnet = checkpoint.load_model(os.path.expanduser(str(config.init.controlnet)), policy=policy,
+                                       attention=config.runtime.attention)
+  model = cassr_from_pretrained(unet, _cassr_config(config, unet.config), controlnet, policy=policy,
+                                seed=int(config.seed), **runtime_options(config, cassr_from_pretrained))
+  del unet
+  schedule = make_schedule(load_schedule_config(root))
+  if model_only:
+    return Components(model, None, None, None, schedule)
+  vae = checkpoint.load_model(os.path.join(root, "vae"), policy=policy, attention=config.runtime.attention)
+  text_encoder = checkpoint.load_model(os.path.join(root, "text_encoder"),
+                                       policy=Policy(policy.param_dtype, policy.param_dtype), attention="xla")
+  from cassr_jax.text import load_tokenizer  # pylint: disable=import-outside-toplevel
+  tokenizer_source = str(config.init.tokenizer or "")
+  if not tokenizer_source:
+    tokenizer_source = root if os.path.isdir(os.path.join(root, "tokenizer")) else str(config.init.pretrained)
+  tokenizer = load_tokenizer(os.path.expanduser(tokenizer_source))
+  return Components(model, vae, text_encoder, tokenizer, schedule)
