@@ -118,10 +118,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.steps = 50
+  c.sample.sampler = "dpmpp_2m"              # ddpm | ddim | dpmpp_2m | unipc
   c.sample.guidance_scale = 5.5
   c.sample.color_fix = "adain"               # adain | wavelet | none
-  c.sample.tile_latent = 96                  # latent tile for large images (768 px)
-  c.sample.tile_overlap = 32
+  c.sample.latent_tile = 96                  # latent tile for large images (768 px)
+  c.sample.latent_overlap = 32
   return c
 
 

@@ -6,7 +6,9 @@ computed once with PromptCache and reused for every image and step.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import zlib
 from collections.abc import Sequence
 
 import jax
@@ -18,10 +20,37 @@ from cassr_jax.models.clip_text import CLIPTextModel
 
 MAX_LENGTH = 77  # CLIP's context length; SD pads every prompt to it
 _TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
+HASH_TOKENIZER_FILE = "hash_tokenizer.json"  # HashTokenizer's only state (random models)
 
 
 def _has_tokenizer(directory: str) -> bool:
   return any(os.path.isfile(os.path.join(directory, f)) for f in _TOKENIZER_FILES)
+
+
+class HashTokenizer:
+  """A deterministic word-hash tokenizer for random text encoders (no vocabulary files needed).
+
+  Same call convention as transformers' CLIPTokenizer as used by cassr_jax.text.tokenize: <bos> ids <eos>,
+  padded with <eos> to max_length.
+  """
+
+  def __init__(self, vocab_size: int):
+    self.vocab_size = vocab_size
+    self.bos, self.eos = vocab_size - 2, vocab_size - 1
+
+  def __call__(self, prompts, *, padding="max_length", max_length=77, truncation=True, return_tensors="np"):
+    del padding, truncation, return_tensors
+    rows = []
+    for prompt in prompts:
+      words = [zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in prompt.lower().split()]
+      ids = ([self.bos] + words)[:max_length - 1] + [self.eos]
+      rows.append(ids + [self.eos] * (max_length - len(ids)))
+    return {"input_ids": np.asarray(rows, np.int32)}
+
+  def save_pretrained(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, HASH_TOKENIZER_FILE), "w") as f:
+      json.dump({"vocab_size": self.vocab_size}, f)
 
 
 def load_tokenizer(name_or_path: str, *, subfolder: str | None = None):
@@ -36,6 +65,9 @@ def load_tokenizer(name_or_path: str, *, subfolder: str | None = None):
     return CLIPTokenizer.from_pretrained(name_or_path, subfolder=subfolder)
   if os.path.isdir(name_or_path):
     for directory in (name_or_path, os.path.join(name_or_path, "tokenizer")):
+      if os.path.isfile(os.path.join(directory, HASH_TOKENIZER_FILE)):
+        with open(os.path.join(directory, HASH_TOKENIZER_FILE)) as f:
+          return HashTokenizer(int(json.load(f)["vocab_size"]))
       if _has_tokenizer(directory):
         return CLIPTokenizer.from_pretrained(directory)
     raise FileNotFoundError(

@@ -5,7 +5,7 @@ Same as the `cassr-convert` command; `python scripts/convert_weights.py --help` 
 """
 import sys
 
-from cassr_jax.convert.cli import main
+from cassr_jax.cli.convert import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -5,7 +5,7 @@ Same as the `cassr-eval` command; `python scripts/evaluate.py --helpfull` lists 
 """
 from absl import app
 
-from cassr_jax.eval.cli import main
+from cassr_jax.cli.evaluate import main
 
 if __name__ == "__main__":
   app.run(main)

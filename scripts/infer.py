@@ -5,7 +5,7 @@ Same as the `cassr-infer` command; `python scripts/infer.py --help` lists the op
 """
 import sys
 
-from cassr_jax.pipelines.cli import main
+from cassr_jax.cli.infer import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -2,7 +2,7 @@
 
 A thin CLI over cassr_jax.train.loop.train_and_evaluate (also installed as `cassr-train`).
 """
-from cassr_jax.train.cli import main
+from cassr_jax.cli.train import main
 
 if __name__ == "__main__":
   main()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flax import nnx
 
-from cassr_fixtures import (SD_LIKE_UNET, TINY_UNET, nchw_to_nhwc, nhwc_to_nchw, random_torch_pair,
+from cassr_fixtures import (SD_LIKE_UNET, TINY_UNET, nhwc_to_nchw, random_torch_pair,
                             state_dict_numpy)
 from cassr_jax.models import frozen_filter, trainable_filter
 from cassr_jax import checkpoint

@@ -120,6 +120,6 @@ def test_full_size_clip_text():
       "pooler_output": relative_max_error(out.pooler_output, ref.pooler_output.numpy()),
       "penultimate": relative_max_error(out.hidden_state, ref.hidden_states[-2].numpy()),
   }
-  print(f"\nCLIP ViT-L/14 text, 2x77 tokens: rel err " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+  print("\nCLIP ViT-L/14 text, 2x77 tokens: rel err " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
         + f"; torch {torch_s:.2f}s, jax (compile+run) {jax_s:.1f}s")
   assert max(errors.values()) <= TOLERANCE

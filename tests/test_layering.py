@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("activation", "text", "data"),
     ("color", "pipelines"),
     ("config", "train", "eval"),
+    ("cli",),
 ]
 ROOT_MODULE = "cassr_jax"  # the package's own __init__ (a docstring)
 

@@ -193,3 +193,18 @@ def test_injected_nan_stops_with_the_step_and_keeps_the_checkpoint(images, tmp_p
   reference_model, _ = checkpointing.load_trained_model(str(reference[0]), step=2, ema=False)
   np.testing.assert_array_equal(model.controlnet.conv_in.kernel.get_value(),
                                 reference_model.controlnet.conv_in.kernel.get_value())
+
+
+def test_run_exports_to_a_pipeline(reference, tmp_path):
+  """A run directory as an inference pipeline, and its export as one directory that loads back alone."""
+  from cassr_jax.pipelines.cassr import CasSRPipeline  # pylint: disable=import-outside-toplevel
+  from cassr_jax.train import export  # pylint: disable=import-outside-toplevel
+  workdir, _ = reference
+  lr = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+  options = dict(steps=1, guidance_scale=2.0, latent_tile=None, vae_tile=None, output="float", seed=1)
+  from_run = export.pipeline_from_run(str(workdir), ema=False)
+  out = from_run([lr], **options)[0]
+  assert out.shape == (32, 32, 3) and np.all(np.isfinite(out))
+  export.export_run(str(workdir), str(tmp_path / "exported"), ema=False)
+  again = CasSRPipeline.from_pretrained(str(tmp_path / "exported"))([lr], **options)[0]
+  np.testing.assert_allclose(again, out, atol=1e-5)

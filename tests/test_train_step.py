@@ -10,7 +10,7 @@ from flax import nnx
 from cassr_jax import parallel
 from cassr_jax.models import frozen_filter, trainable_filter
 from cassr_jax.train.components import build_components
-from cassr_jax.train.step import Trainer, host_local_to_global
+from cassr_jax.train.step import Trainer
 from conftest import relative_max_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +53,8 @@ def trainers():
 def test_eight_devices_equal_one(trainers):
   one, eight = trainers
   batch = fixed_batch()
-  s1, m1 = one.step(one.init_state(), one.frozen, host_local_to_global(batch, one.mesh))
-  s8, m8 = eight.step(eight.init_state(), eight.frozen, host_local_to_global(batch, eight.mesh))
+  s1, m1 = one.step(one.init_state(), one.frozen, parallel.host_local_to_global(batch, one.mesh))
+  s8, m8 = eight.step(eight.init_state(), eight.frozen, parallel.host_local_to_global(batch, eight.mesh))
   assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * abs(float(m1["loss"]))
   # Relative to the largest trained parameter: on zero-initialised leaves Adam's first update is
   # lr * g / (|g| + eps), which amplifies the reduction-order noise of near-zero gradients (per leaf ~1e-4).

@@ -144,34 +144,6 @@ class CasSRPipeline:
     return cls(unet, vae, text_encoder, tokenizer, built, activation_config=act_config,
                schedule_config=load_schedule_config(directory), settings=defaults, devices=devices)
 
-  @classmethod
-  def from_run(cls, run_dir: str, *, step: int | None = None, pretrained: str | None = None,
-               **kwargs) -> "CasSRPipeline":
-    """HOOK (to be wired by the lead to the trainer): a pipeline from a training run directory.
-
-    Uses cassr_jax.train.checkpointing.load_trained_model(run_dir, step) -> (CasSRUNet, run config); the
-    frozen VAE / text encoder / tokenizer / scheduler come from `pretrained` (a converted SD directory),
-    default the run config's `pretrained` when that is a directory.
-    """
-    from cassr_jax.train.checkpointing import load_trained_model  # pylint: disable=import-outside-toplevel
-
-    unet, config = load_trained_model(run_dir, step=step)
-    pretrained = pretrained or config.get("pretrained")
-    if not pretrained or not os.path.isdir(pretrained):
-      raise ValueError(f"{run_dir}: pass pretrained= (converted SD-1.5 directory with vae/, text_encoder/, "
-                       f"tokenizer/); the run's pretrained={pretrained!r} is not a directory")
-    vae = checkpoint.load_model(os.path.join(pretrained, "vae"))
-    text_encoder = checkpoint.load_model(os.path.join(pretrained, "text_encoder"))
-    tokenizer = load_tokenizer(pretrained)
-    act_config = {k: v for k, v in dict(config.activation).items() if v not in ("", None)}
-    sample = dict(config.get("sample", {}))
-    settings = Settings(prompt=config.text.prompt, negative_prompt=config.text.negative_prompt,
-                        steps=sample.get("steps", 20), guidance_scale=sample.get("guidance_scale", 5.5),
-                        color_fix=sample.get("color_fix", "adain"))
-    settings = settings.replace(**{k: kwargs.pop(k) for k in list(kwargs) if k in Settings.__dataclass_fields__})
-    return cls(unet, vae, text_encoder, tokenizer, build_activation(act_config), activation_config=act_config,
-               schedule_config=load_schedule_config(pretrained), settings=settings, **kwargs)
-
   def save_pretrained(self, directory: str) -> None:
     """Writes one self-contained directory (replaced atomically)."""
     export_pipeline(directory, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,

@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import zlib
 
-import numpy as np
 from flax import nnx
 
 from cassr_jax import checkpoint
@@ -23,6 +21,7 @@ from cassr_jax.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UN
 from cassr_jax.models.vae import AutoencoderKL, VAEConfig
 from cassr_jax.nn.layers import Policy
 from cassr_jax.schedulers import NoiseSchedule, load_schedule_config, make_schedule
+from cassr_jax.text import HashTokenizer
 
 PRETRAINED_DIR = "pretrained"   # <workdir>/pretrained: where a non-converted init.pretrained is converted to
 COMPONENT_DIRS = ("unet", "vae", "text_encoder")
@@ -47,27 +46,6 @@ RANDOM_MODELS = {
         text=CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2)),
 }
-
-
-class HashTokenizer:
-  """A deterministic word-hash tokenizer for random text encoders (no vocabulary files needed).
-
-  Same call convention as transformers' CLIPTokenizer as used by cassr_jax.text.tokenize: <bos> ids <eos>,
-  padded with <eos> to max_length.
-  """
-
-  def __init__(self, vocab_size: int):
-    self.vocab_size = vocab_size
-    self.bos, self.eos = vocab_size - 2, vocab_size - 1
-
-  def __call__(self, prompts, *, padding="max_length", max_length=77, truncation=True, return_tensors="np"):
-    del padding, truncation, return_tensors
-    rows = []
-    for prompt in prompts:
-      words = [zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in prompt.lower().split()]
-      ids = ([self.bos] + words)[:max_length - 1] + [self.eos]
-      rows.append(ids + [self.eos] * (max_length - len(ids)))
-    return {"input_ids": np.asarray(rows, np.int32)}
 
 
 @dataclasses.dataclass

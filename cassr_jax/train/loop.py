@@ -27,7 +27,7 @@ from cassr_jax.config import validate_config
 from cassr_jax.data import pipeline
 from cassr_jax.train import checkpointing
 from cassr_jax.train.components import build_components
-from cassr_jax.train.step import Trainer, host_local_to_global, model_batch, place, replicated
+from cassr_jax.train.step import Trainer, model_batch, place, replicated
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,13 +51,6 @@ def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
   tpu_multi = bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
   if slurm_multi or tpu_multi or env.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()
-
-
-def make_mesh(config) -> jax.sharding.Mesh:
-  make = getattr(parallel, "make_mesh_from_config", None)
-  if make is not None:
-    return make(config.mesh)
-  return parallel.make_mesh(fsdp=int(config.mesh.fsdp))
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -194,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   if is_main:
     checkpointing.write_run_config(workdir, config)
 
-  mesh = make_mesh(config)
+  mesh = parallel.make_mesh_from_config(config.mesh)
   components = build_components(config, workdir)
   trainer = Trainer(config, components, mesh)
   del components
@@ -244,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   try:
     with _Stop() as stop:
       while step < total:
-        batch = host_local_to_global(model_batch(next(data_iterator)), mesh)
+        batch = parallel.host_local_to_global(model_batch(next(data_iterator)), mesh)
         state, metrics = trainer.step(state, trainer.frozen, batch)
         flush()
         step += 1

@@ -41,15 +41,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def host_local_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Each host's rows of the batch -> global arrays split over every device (rows in process order)."""
-  helper = getattr(parallel, "host_local_to_global", None)
-  if helper is not None:
-    return helper(batch, mesh)
-  sharding = parallel.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
 def place(tree, shardings, *, copy: bool = False):
   """Puts a host or single-device pytree on the mesh (every process holds the same values).
 

