@@ -79,7 +79,7 @@ def test_frozen_bit_identical_and_optimizer_state_for_trainables_only(trainers):
   frozen_before = leaves(nnx.state(fresh, frozen_filter(fresh)))
   state = eight.init_state()
   for step in range(3):
-    state, metrics = eight.step(state, eight.frozen, host_local_to_global(fixed_batch(seed=step), eight.mesh))
+    state, metrics = eight.step(state, eight.frozen, parallel.host_local_to_global(fixed_batch(seed=step), eight.mesh))
     assert np.isfinite(float(metrics["loss"]))
   assert int(state["step"]) == 3
   frozen_after = leaves(eight.frozen["model"])
@@ -103,7 +103,7 @@ def test_tiny_model_overfits_one_fixed_batch(trainers):
   """Same batch, same noise and timesteps every step (the step counter that seeds them is held at 0): the
   loss must halve. The step count it takes is printed (pytest -s) for the README."""
   _, eight = trainers
-  batch = host_local_to_global(fixed_batch(), eight.mesh)
+  batch = parallel.host_local_to_global(fixed_batch(), eight.mesh)
   state = eight.init_state()
   zero = state["step"]
   first = None
