@@ -7,6 +7,7 @@ Writes go to a temporary sibling and are renamed into place, so a crash never le
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,17 +29,27 @@ MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
 
 
-def _atomic_dir(directory: str) -> str:
+@contextlib.contextmanager
+def atomic_directory(directory: str):
+  """Yields a temporary sibling of `directory` to fill; on success it replaces `directory` whole, on any
+  error it is removed and `directory` stays as it was."""
   parent = os.path.dirname(os.path.abspath(directory)) or "."
   os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".tmp-", dir=parent)
+  tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(directory)) + ".tmp-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def save_model(directory: str, model: nnx.Module, model_type: str, config) -> None:
   """Writes model.json and the orbax params of `model` to `directory` (replacing it atomically)."""
   MODELS.get(model_type)
-  tmp = _atomic_dir(directory)
-  try:
+  with atomic_directory(directory) as tmp:
     params = nnx.state(model, nnx.Param)
     leaves = jax.tree.leaves(params)
     meta = {"model_type": model_type, "config": dataclasses.asdict(config),
@@ -48,12 +59,6 @@ def save_model(directory: str, model: nnx.Module, model_type: str, config) -> No
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(os.path.abspath(tmp), PARAMS_DIR), nnx.to_pure_dict(params))
     checkpointer.wait_until_finished()
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def read_model_meta(directory: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The paper's evaluation protocol: our Table 1 row and Table 2/3 ablation rows next to the published numbers.
 
 Test sets are the folders written by scripts/prepare_testsets.py (<root>/lr, <root>/hr). Running the model is
-the pipeline's job: pass `infer_fn(lq_dir, out_dir)` that writes one result per LR image (same file stem);
+the pipeline's job: pass `infer_fn(lq_dir, out_dir)` that writes one result per LR image (same file stem;
+`pipeline_infer_fn(pipe)` makes one from a CasSRPipeline, and `cassr-benchmark` runs a training run or an
+exported pipeline over the sets);
 results already complete in the results folder are reused unless `overwrite=True`. Every set is evaluated with
 cassr_jax.eval.run.run_evaluation (reports, grids, HTML per set) and the tables are written as Markdown
 and JSON (atomically) with the paper's values beside ours.
@@ -243,3 +245,20 @@ def run_ablation(table: int, variants: Mapping[str, InferFn | None], testset: Be
                            json.dumps(data, indent=1, ensure_ascii=False))
   _write_index(out_dir, f"Table {table} on {testset.name}", markdown, pages)
   return data
+
+
+def pipeline_infer_fn(pipe, *, seed: int = 0, batch_size: int | None = None, **settings) -> InferFn:
+  """infer_fn running a CasSRPipeline over every LR image of a folder (PNG per file stem, this host's share
+  when several processes run; a bad file is reported, the rest go on)."""
+  from cassr_jax.pipelines import cassr as pipeline_lib  # pylint: disable=import-outside-toplevel
+
+  def infer(lq_dir: str, out_dir: str):
+    inputs = pipeline_lib.find_images([lq_dir])
+    jobs = [(i, path, pipeline_lib.output_path(out_dir, rel)) for i, (path, rel) in enumerate(inputs)]
+    report_ = pipeline_lib.super_resolve_files(pipe, pipeline_lib.process_share(jobs), seed=seed,
+                                               batch_size=batch_size, **settings)
+    for path, reason in report_.failed:
+      logger.error("failed: %s: %s", path, reason)
+    return report_
+
+  return infer

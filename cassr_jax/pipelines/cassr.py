@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -311,10 +309,7 @@ def export_pipeline(directory: str, *, unet, vae, text_encoder, tokenizer, activ
   MODEL_KIND-registered type, e.g. RRDBNet), saved to activation/ and referenced from the config.
   """
   act = {"name": activation} if isinstance(activation, str) else dict(activation)
-  parent = os.path.dirname(os.path.abspath(directory)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(directory)) + ".tmp-", dir=parent)
-  try:
+  with checkpoint.atomic_directory(directory) as tmp:
     checkpoint.save_model(os.path.join(tmp, "unet"), unet, "cassr_unet", unet.config)
     checkpoint.save_model(os.path.join(tmp, "vae"), vae, "vae", vae.config)
     checkpoint.save_model(os.path.join(tmp, "text_encoder"), text_encoder, "clip_text", text_encoder.config)
@@ -329,12 +324,6 @@ def export_pipeline(directory: str, *, unet, vae, text_encoder, tokenizer, activ
             "settings": dataclasses.asdict(settings or Settings())}
     with open(os.path.join(tmp, PIPELINE_FILE), "w") as f:
       json.dump(meta, f, indent=2)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def _model_type(model) -> str:

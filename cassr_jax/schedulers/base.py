@@ -142,3 +142,16 @@ def sigma_schedule(schedule: NoiseSchedule, steps: int, *, spacing: str, karras:
 
 def rows(table: Mapping[str, np.ndarray], begin: int) -> dict[str, np.ndarray]:
   return {k: np.asarray(v[begin:], np.float64) for k, v in table.items()}
+
+
+def multistep_grid(name: str, schedule: NoiseSchedule, steps: int, *, begin: int, karras: bool, eta: float):
+  """The shared start of the multistep solvers' plans (DPM-Solver++, UniPC): timesteps and sigmas (linspace
+  spacing unless the config says otherwise, optionally Karras), the first step index, alpha, sigma and the
+  log-SNR lambda of every point."""
+  if eta != 0.0:
+    raise ValueError(f"{name} is deterministic; eta applies to ddim only")
+  timesteps, sigmas = sigma_schedule(schedule, steps, spacing=spacing_for(schedule, "linspace"), karras=karras)
+  n = len(timesteps)
+  begin = begin_index(n, begin)
+  alpha, sigma = alpha_sigma(sigmas)
+  return timesteps, sigmas, n, begin, alpha, sigma, log_snr(alpha, sigma)

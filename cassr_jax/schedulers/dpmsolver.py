@@ -18,14 +18,8 @@ from cassr_jax.schedulers.schedule import NoiseSchedule
 
 def make_plan(schedule: NoiseSchedule, steps: int, *, begin: int = 0, karras: bool = False,
               eta: float = 0.0) -> base.Plan:
-  if eta != 0.0:
-    raise ValueError("dpmpp_2m is deterministic; eta applies to ddim only")
-  timesteps, sigmas = base.sigma_schedule(schedule, steps, spacing=base.spacing_for(schedule, "linspace"),
-                                          karras=karras)
-  n = len(timesteps)
-  begin = base.begin_index(n, begin)
-  alpha, sigma = base.alpha_sigma(sigmas)
-  lam = base.log_snr(alpha, sigma)
+  timesteps, sigmas, n, begin, alpha, sigma, lam = base.multistep_grid("dpmpp_2m", schedule, steps, begin=begin,
+                                                                       karras=karras, eta=eta)
   i = np.arange(n)
   h = lam[i + 1] - lam[i]
   with np.errstate(invalid="ignore", divide="ignore"):

@@ -43,14 +43,8 @@ def _rhos(hh: float, h_phi_1: float, b_h: float, order: int) -> np.ndarray:
 
 def make_plan(schedule: NoiseSchedule, steps: int, *, begin: int = 0, karras: bool = False,
               eta: float = 0.0) -> base.Plan:
-  if eta != 0.0:
-    raise ValueError("unipc is deterministic; eta applies to ddim only")
-  timesteps, sigmas = base.sigma_schedule(schedule, steps, spacing=base.spacing_for(schedule, "linspace"),
-                                          karras=karras)
-  n = len(timesteps)
-  begin = base.begin_index(n, begin)
-  alpha, sigma = base.alpha_sigma(sigmas)
-  lam = base.log_snr(alpha, sigma)
+  timesteps, sigmas, n, begin, alpha, sigma, lam = base.multistep_grid("unipc", schedule, steps, begin=begin,
+                                                                       karras=karras, eta=eta)
   orders = [min(ORDER, n - i, i - begin + 1) for i in range(n)]  # predictor order of step i
   names = ("p_x", "p_m", "p_dm", "use_c", "c_x", "c_m", "c_dm", "c_new")
   table = {k: np.zeros(n) for k in names}
