@@ -19,4 +19,5 @@ def test_gpu_bench_script_smoke():
   step_s, images_s, tflop, ratio = map(float, row.groups())
   assert step_s > 0 and images_s > 0 and tflop > 0 and ratio > 0
   assert "| unet_forward_cli | ok" in table
-  assert "| infer tiny 8->32, 1 steps" in table and "FAILED" not in table, table
+  assert "| infer tiny 8->32, 1 steps" in table and "| metric lpips 64x64" in table, table
+  assert "FAILED" not in table, table

@@ -48,6 +48,8 @@ if [[ $SMOKE -eq 1 ]]; then
   # The U-Net forward benchmark builds the full SD-1.5 U-Net in both frameworks (minutes on a CPU): smoke
   # mode checks that it still starts.
   step unet_forward_cli 60 python scripts/bench/unet_forward.py --help
+  step metrics_lpips 120 python scripts/bench/metrics.py --size 64 --batch 1 --repeats 1 --metrics lpips \
+    --skip-torch --table-row
   step infer_tiny 200 python scripts/bench/infer.py --model tiny --lr-size 8 --steps 1 --repeats 1 --table-row
 else
   VS_TORCH=()
@@ -58,6 +60,7 @@ else
     --dtype bfloat16 --no-multiple-attention --runs 5 --table-row "${VS_TORCH[@]}"
   step train_step_sd15 180 python scripts/bench/train_step.py --sd15 --resolution 512 --batch 4 \
     --dtype bfloat16 --runs 5 --table-row
+  step metrics 150 python scripts/bench/metrics.py --size 512 --batch 8 --skip-torch --table-row
   step infer_sd15 240 python scripts/bench/infer.py --model sd --lr-size 128 --steps 20 --batch 1 8 \
     --attention auto --table-row "${VS_TORCH[@]}"
 fi

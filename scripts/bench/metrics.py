@@ -59,6 +59,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
   parser.add_argument("--metrics", nargs="+", default=None, help="metric names (default: all)")
   parser.add_argument("--skip-torch", action="store_true", help="time ours only")
+  parser.add_argument("--table-row", action="store_true", help="also print '| ... |' rows (scripts/bench/gpu.sh)")
   args = parser.parse_args()
 
   available = jax_metrics()
@@ -87,6 +88,10 @@ def main() -> None:
       rel = float(np.max(np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1e-12)))
       line += f" {args.batch / torch_seconds:>11.3f} {torch_seconds / seconds:>10.2f} {rel:>12.2e}"
     print(line, flush=True)
+    if args.table_row:
+      ratio = "" if args.skip_torch else f"{torch_seconds / seconds:.2f}"
+      print(f"| metric {name} {args.size}x{args.size}, batch {args.batch} | first call {first:.1f} s | "
+            f"{args.batch / seconds:.2f} | | | | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
