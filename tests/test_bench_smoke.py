@@ -1,9 +1,12 @@
-"""The GPU benchmark script runs end to end on the CPU in its CI-sized form (so it cannot rot)."""
+"""The GPU benchmark script runs end to end on the CPU in its CI-sized form (`pytest -m slow tests/test_bench_smoke.py`)."""
 import os
 import re
 import subprocess
 
+import pytest
 
+
+@pytest.mark.slow  # several minutes of compiles on 2 cores; run before a GPU session
 def test_gpu_bench_script_smoke():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it

@@ -111,6 +111,7 @@ def test_any_size_float_scale_and_per_image_seeds(pipe, rng):
   assert np.abs(out[0].astype(int) - pipe([lr[0]], seed=4, scale=1.5)[0]).max() > 0  # the seed matters
 
 
+@pytest.mark.slow  # three more compiles of the sampling loop
 def test_switches_change_the_output(pipe, rng):
   lr = _images(rng)[:1]
   base = pipe(lr, output="float")[0]

@@ -31,6 +31,7 @@ def _model(name):
   return random_model(lambda: ControlNetSR(config, attention="xla", rngs=nnx.Rngs(0)), 4)
 
 
+@pytest.mark.slow  # two more sampling loops to compile (tiny SD stand-ins)
 @pytest.mark.parametrize("name", ["scedit", "controlnet"])
 def test_diffusion_activation_shape_and_determinism(name, parts, rng):
   act = build_activation(name, model=_model(name), scale=2, steps=2, guidance_scale=2.0, seed=5, **parts)

@@ -157,6 +157,7 @@ def test_sigkill_then_rerun_resumes_exactly(images, tmp_path, reference, cache_d
     assert abs(got[step] - expected[step]) <= 1e-6 * abs(expected[step]), (step, resumed_from, got, expected)
 
 
+@pytest.mark.slow  # a third training subprocess; SIGKILL resume covers the checkpoint path in CI
 def test_sigterm_saves_and_exits_cleanly(images, tmp_path, cache_dir):
   workdir = tmp_path / "term"
   cmd = command(images, workdir, 1000, "--config.train.checkpoint_every=1000", "--config.train.val_every=0")
