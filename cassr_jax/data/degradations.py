@@ -33,9 +33,10 @@ Implementation notes (speed; each is exact up to float32 rounding unless stated)
   * images are processed as float32 BGR in [0, 1] (OpenCV's order; the JPEG codecs take BGR);
   * blur kernels are generated padded to `kernel_pad_to` (21) as in Real-ESRGAN, but filtered with their
     support only: entries below 1e-9 of the kernel maximum are trimmed (changes the result by < 5e-7),
-    rank-1 kernels use cv2.sepFilter2D, and 13x13 to 17x17 kernels are split into row strips so that
-    OpenCV keeps its direct (non-DFT) path, 1.2-2.3x faster at these sizes (the method depends only on
-    the kernel, never on timing, so results stay bit-reproducible);
+    rank-1 kernels use cv2.sepFilter2D, 13x13 kernels are split into row strips so that
+    OpenCV keeps its direct (non-DFT) path, and from 15x15 up the image is filtered through whole-image
+    DFTs (about 2x faster than both at 512x512; the method depends only on the kernel, never on timing, so
+    results stay bit-reproducible);
   * Poisson noise is sampled exactly by inverse-CDF tables: the Poisson rate only takes 256 values
     (rounded 8-bit level x the power-of-two level count), so per-level quantile tables turn the draw into a
     table look-up (about 4x faster than Generator.poisson).
@@ -273,7 +274,27 @@ def sample_params(config, rng: np.random.Generator) -> DegradationParams:
 # --------------------------------------------------------------------------------------------------------
 
 _DIRECT_MAX_AREA = 129  # OpenCV switches filter2D to its DFT path at >= 130 kernel taps
-_STRIP_MAX_SIZE = 17  # up to 17x17, direct row strips beat the DFT path (measured 1.2-2.3x); 19, 21: DFT
+_FFT_MIN_SIZE = 15  # from 15x15 up, one whole-image DFT per channel beats row strips (measured ~1.3-2x)
+
+
+def _filter2d_dft(img: np.ndarray, k32: np.ndarray) -> np.ndarray:
+  """filter2d through whole-image DFTs: the image padded by the kernel radius (reflect-101), each channel
+  multiplied by the kernel's spectrum (conjugated: a correlation). The padded size is at least H + n - 1, so
+  the wanted outputs never wrap around. ~2x faster than cv2.filter2D's tiled DFT path at 512x512."""
+  n = k32.shape[0]
+  r = n // 2
+  h, w = img.shape[:2]
+  fh, fw = cv2.getOptimalDFTSize(h + 2 * r), cv2.getOptimalDFTSize(w + 2 * r)
+  # Beyond the reflect-101 border the padding is arbitrary (only wrapped-around outputs read it).
+  padded = cv2.copyMakeBorder(img, r, fh - h - r, r, fw - w - r, cv2.BORDER_REFLECT_101)
+  kernel = np.zeros((fh, fw), np.float32)
+  kernel[:n, :n] = k32
+  spectrum = cv2.dft(kernel, nonzeroRows=n)
+  channels = []
+  for plane in cv2.split(padded) if padded.ndim == 3 else [padded]:
+    product = cv2.mulSpectrums(cv2.dft(plane), spectrum, 0, conjB=True)
+    channels.append(cv2.idft(product, flags=cv2.DFT_SCALE | cv2.DFT_REAL_OUTPUT, nonzeroRows=h)[:h, :w])
+  return cv2.merge(channels) if len(channels) > 1 else np.ascontiguousarray(channels[0])
 
 
 def _trim(kernel: np.ndarray) -> np.ndarray:
@@ -297,7 +318,9 @@ def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     row = (vt[0] * math.sqrt(s[0])).astype(np.float32)
     return _keep_channels(cv2.sepFilter2D(img, -1, row, col, borderType=cv2.BORDER_REFLECT_101), img)
   k32 = k.astype(np.float32)
-  if n * n <= _DIRECT_MAX_AREA or n > _STRIP_MAX_SIZE:
+  if n >= _FFT_MIN_SIZE:
+    return _keep_channels(_filter2d_dft(img, k32), img)
+  if n * n <= _DIRECT_MAX_AREA:
     return _keep_channels(cv2.filter2D(img, -1, k32, borderType=cv2.BORDER_REFLECT_101), img)
   # Row strips, each small enough for the direct path, applied to an explicitly padded image and summed.
   h, w = img.shape[:2]
