@@ -121,11 +121,14 @@ def plateau_kernel(size, sigma_x, sigma_y, theta, beta):
 def sinc_kernel(size, cutoff):
   """Circular low-pass (2-D sinc) filter: cutoff * J1(cutoff r) / (2 pi r), centre cutoff^2 / (4 pi)."""
   xx, yy = _grid(size)
-  r = np.sqrt(xx ** 2 + yy ** 2)
+  # J1 only at the distinct radii (~1/7 of the grid at 21x21: the kernel is symmetric).
+  sq, where = np.unique(xx ** 2 + yy ** 2, return_inverse=True)
+  r = np.sqrt(sq)
   centre = r == 0
   r_safe = np.where(centre, 1.0, r)
-  k = cutoff * bessel_j1(cutoff * r_safe) / (2 * np.pi * r_safe)
-  k[centre] = cutoff ** 2 / (4 * np.pi)
+  values = cutoff * bessel_j1(cutoff * r_safe) / (2 * np.pi * r_safe)
+  values[centre] = cutoff ** 2 / (4 * np.pi)
+  k = values[where].reshape(xx.shape)
   return k / k.sum()
 
 
@@ -356,24 +359,27 @@ def _keep_channels(out, like):
   return out[..., None] if out.ndim == 2 and like.ndim == 3 else out
 
 
-def _area_axis(img: np.ndarray, size: int, axis: int) -> np.ndarray:
-  """Adaptive average pooling along one axis (torch's 'area'): output i averages inputs
-  floor(i n / size) .. ceil((i + 1) n / size) - 1. Summed as at most ceil(n / size) + 1 weighted gathers of
-  whole rows (columns), so the cost is about one pass over the input whatever the factor."""
-  n = img.shape[axis]
-  if n == size:
-    return img
+def _area_matrix(n: int, size: int):
+  """(size, n) sparse float32 matrix of torch's adaptive average pooling along one axis: row i averages
+  inputs floor(i n / size) .. ceil((i + 1) n / size) - 1 with equal weights."""
+  import scipy.sparse  # (scipy comes with jax)
   i = np.arange(size)
   start = i * n // size
   length = -(-(i + 1) * n // size) - start  # ceil((i + 1) n / size) - start
-  shape = [1] * img.ndim
-  shape[axis] = size
-  out = None
-  for k in range(int(length.max())):
-    weight = np.where(k < length, 1.0 / length, 0.0).astype(np.float32).reshape(shape)
-    part = np.take(img, np.minimum(start + k, n - 1), axis=axis) * weight
-    out = part if out is None else np.add(out, part, out=out)
-  return out
+  indptr = np.concatenate([[0], np.cumsum(length)])
+  indices = np.repeat(start, length) + (np.arange(indptr[-1]) - np.repeat(indptr[:-1], length))
+  weights = np.repeat((1.0 / length).astype(np.float32), length)
+  return scipy.sparse.csr_matrix((weights, indices, indptr), shape=(size, n))
+
+
+def _area_rows(img: np.ndarray, size: int) -> np.ndarray:
+  """Adaptive average pooling of the rows of img (H, W, C): one sparse-matrix product with the (H, W*C)
+  image, a single pass whatever the factor (the same float32 sums, in the same order, as weighted row
+  gathers added one by one, ~2x faster)."""
+  n = img.shape[0]
+  if n == size:
+    return img
+  return (_area_matrix(n, size) @ img.reshape(n, -1)).reshape((size,) + img.shape[1:])
 
 
 def area_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -381,7 +387,11 @@ def area_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
   if img.shape[0] % height == 0 and img.shape[1] % width == 0:
     # Integer factors: every window is whole, where OpenCV's INTER_AREA is the same average (and faster).
     return _keep_channels(cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA), img)
-  return _area_axis(_area_axis(img, height, 0), width, 1)
+  out = _area_rows(img, height)
+  if out.shape[1] != width:  # columns: pool the rows of the transposed image (cv2.transpose is cheap)
+    flipped = cv2.transpose(out).reshape(out.shape[1], height, -1)
+    out = cv2.transpose(_area_rows(flipped, width)).reshape(height, width, -1)
+  return out
 
 
 def resize(img: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
