@@ -578,8 +578,7 @@ def degrade_with_params(hr: np.ndarray, config, params: DegradationParams, seq: 
   if h % s.scale or w % s.scale:
     raise ValueError(f"degrade: HR size {h}x{w} is not a multiple of scale {s.scale}")
   tick = _Timer(timings)
-  img = cv2.cvtColor(hr, cv2.COLOR_RGB2BGR).astype(np.float32)
-  img *= np.float32(1 / 255)
+  img = np.multiply(cv2.cvtColor(hr, cv2.COLOR_RGB2BGR), np.float32(1 / 255), dtype=np.float32)
   tick("to_float")
   sharp = None
   if s.usm_sharpen or s.usm_target:

@@ -117,9 +117,11 @@ def diffjpeg(img: np.ndarray, quality: float, *, bgr: bool = False) -> np.ndarra
   luma_table, chroma_table = quant_tables(quality)
   h, w = img.shape[:2]
   ph, pw = -h % 16, -w % 16
-  x = np.clip(img, 0.0, 1.0)
   if ph or pw:
-    x = cv2.copyMakeBorder(x, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=0)
+    x = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=0)
+    np.clip(x, 0.0, 1.0, out=x)
+  else:
+    x = np.clip(img, 0.0, 1.0)
   hh, ww = x.shape[:2]
   # 0-255 scale; luma with JPEG's -128 level shift (the affine column), chroma centred (Cb - 128, Cr - 128).
   to_ycc = np.zeros((3, 4), np.float32)
