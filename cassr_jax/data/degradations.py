@@ -33,9 +33,10 @@ Implementation notes (speed; each is exact up to float32 rounding unless stated)
   * images are processed as float32 BGR in [0, 1] (OpenCV's order; the JPEG codecs take BGR);
   * blur kernels are generated padded to `kernel_pad_to` (21) as in Real-ESRGAN, but filtered with their
     support only: entries below 1e-9 of the kernel maximum are trimmed (changes the result by < 5e-7),
-    rank-1 kernels use cv2.sepFilter2D, and 13x13 to 17x17 kernels are split into row strips so that
-    OpenCV keeps its direct (non-DFT) path, 1.2-2.3x faster at these sizes (the method depends only on
-    the kernel, never on timing, so results stay bit-reproducible);
+    rank-1 kernels use cv2.sepFilter2D, 13x13 kernels are split into row strips so that
+    OpenCV keeps its direct (non-DFT) path, and from 15x15 up the image is filtered through whole-image
+    DFTs (about 2x faster than both at 512x512; the method depends only on the kernel, never on timing, so
+    results stay bit-reproducible);
   * Poisson noise is sampled exactly by inverse-CDF tables: the Poisson rate only takes 256 values
     (rounded 8-bit level x the power-of-two level count), so per-level quantile tables turn the draw into a
     table look-up (about 4x faster than Generator.poisson).
@@ -120,11 +121,14 @@ def plateau_kernel(size, sigma_x, sigma_y, theta, beta):
 def sinc_kernel(size, cutoff):
   """Circular low-pass (2-D sinc) filter: cutoff * J1(cutoff r) / (2 pi r), centre cutoff^2 / (4 pi)."""
   xx, yy = _grid(size)
-  r = np.sqrt(xx ** 2 + yy ** 2)
+  # J1 only at the distinct radii (~1/7 of the grid at 21x21: the kernel is symmetric).
+  sq, where = np.unique(xx ** 2 + yy ** 2, return_inverse=True)
+  r = np.sqrt(sq)
   centre = r == 0
   r_safe = np.where(centre, 1.0, r)
-  k = cutoff * bessel_j1(cutoff * r_safe) / (2 * np.pi * r_safe)
-  k[centre] = cutoff ** 2 / (4 * np.pi)
+  values = cutoff * bessel_j1(cutoff * r_safe) / (2 * np.pi * r_safe)
+  values[centre] = cutoff ** 2 / (4 * np.pi)
+  k = values[where].reshape(xx.shape)
   return k / k.sum()
 
 
@@ -273,7 +277,41 @@ def sample_params(config, rng: np.random.Generator) -> DegradationParams:
 # --------------------------------------------------------------------------------------------------------
 
 _DIRECT_MAX_AREA = 129  # OpenCV switches filter2D to its DFT path at >= 130 kernel taps
-_STRIP_MAX_SIZE = 17  # up to 17x17, direct row strips beat the DFT path (measured 1.2-2.3x); 19, 21: DFT
+_FFT_MIN_SIZE = 15  # from 15x15 up, one whole-image DFT per channel beats row strips (measured ~1.3-2x)
+
+
+def _dft_size(h: int, w: int, n: int) -> tuple[int, int]:
+  return cv2.getOptimalDFTSize(h + n - 1), cv2.getOptimalDFTSize(w + n - 1)
+
+
+def _kernel_spectrum(kernel: np.ndarray, fh: int, fw: int) -> np.ndarray:
+  """cv2.dft (packed) of an n x n kernel placed at the top-left of an fh x fw zero plane."""
+  n = kernel.shape[0]
+  plane = np.zeros((fh, fw), np.float32)
+  plane[:n, :n] = kernel
+  return cv2.dft(plane, nonzeroRows=n)
+
+
+def _correlate_dft(img: np.ndarray, n: int, spectrum: np.ndarray) -> np.ndarray:
+  """Correlation of img with the centred n x n kernel whose _kernel_spectrum is `spectrum`, reflect-101
+  borders, through whole-image DFTs: the image padded by the kernel radius, each channel multiplied by the
+  conjugated spectrum. The padded size is at least H + n - 1, so the wanted outputs never wrap around."""
+  r = n // 2
+  h, w = img.shape[:2]
+  fh, fw = spectrum.shape
+  # Beyond the reflect-101 border the padding is arbitrary (only wrapped-around outputs read it).
+  padded = cv2.copyMakeBorder(img, r, fh - h - r, r, fw - w - r, cv2.BORDER_REFLECT_101)
+  channels = []
+  for plane in cv2.split(padded) if padded.ndim == 3 else [padded]:
+    product = cv2.mulSpectrums(cv2.dft(plane), spectrum, 0, conjB=True)
+    channels.append(cv2.idft(product, flags=cv2.DFT_SCALE | cv2.DFT_REAL_OUTPUT, nonzeroRows=h)[:h, :w])
+  return _keep_channels(cv2.merge(channels) if len(channels) > 1 else np.ascontiguousarray(channels[0]), img)
+
+
+def _filter2d_dft(img: np.ndarray, k32: np.ndarray) -> np.ndarray:
+  """filter2d through whole-image DFTs (~2x faster than cv2.filter2D's tiled DFT path at 512x512)."""
+  n = k32.shape[0]
+  return _correlate_dft(img, n, _kernel_spectrum(k32, *_dft_size(*img.shape[:2], n)))
 
 
 def _trim(kernel: np.ndarray) -> np.ndarray:
@@ -297,7 +335,9 @@ def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     row = (vt[0] * math.sqrt(s[0])).astype(np.float32)
     return _keep_channels(cv2.sepFilter2D(img, -1, row, col, borderType=cv2.BORDER_REFLECT_101), img)
   k32 = k.astype(np.float32)
-  if n * n <= _DIRECT_MAX_AREA or n > _STRIP_MAX_SIZE:
+  if n >= _FFT_MIN_SIZE:
+    return _keep_channels(_filter2d_dft(img, k32), img)
+  if n * n <= _DIRECT_MAX_AREA:
     return _keep_channels(cv2.filter2D(img, -1, k32, borderType=cv2.BORDER_REFLECT_101), img)
   # Row strips, each small enough for the direct path, applied to an explicitly padded image and summed.
   h, w = img.shape[:2]
@@ -319,24 +359,27 @@ def _keep_channels(out, like):
   return out[..., None] if out.ndim == 2 and like.ndim == 3 else out
 
 
-def _area_axis(img: np.ndarray, size: int, axis: int) -> np.ndarray:
-  """Adaptive average pooling along one axis (torch's 'area'): output i averages inputs
-  floor(i n / size) .. ceil((i + 1) n / size) - 1. Summed as at most ceil(n / size) + 1 weighted gathers of
-  whole rows (columns), so the cost is about one pass over the input whatever the factor."""
-  n = img.shape[axis]
-  if n == size:
-    return img
+def _area_matrix(n: int, size: int):
+  """(size, n) sparse float32 matrix of torch's adaptive average pooling along one axis: row i averages
+  inputs floor(i n / size) .. ceil((i + 1) n / size) - 1 with equal weights."""
+  import scipy.sparse  # (scipy comes with jax)
   i = np.arange(size)
   start = i * n // size
   length = -(-(i + 1) * n // size) - start  # ceil((i + 1) n / size) - start
-  shape = [1] * img.ndim
-  shape[axis] = size
-  out = None
-  for k in range(int(length.max())):
-    weight = np.where(k < length, 1.0 / length, 0.0).astype(np.float32).reshape(shape)
-    part = np.take(img, np.minimum(start + k, n - 1), axis=axis) * weight
-    out = part if out is None else np.add(out, part, out=out)
-  return out
+  indptr = np.concatenate([[0], np.cumsum(length)])
+  indices = np.repeat(start, length) + (np.arange(indptr[-1]) - np.repeat(indptr[:-1], length))
+  weights = np.repeat((1.0 / length).astype(np.float32), length)
+  return scipy.sparse.csr_matrix((weights, indices, indptr), shape=(size, n))
+
+
+def _area_rows(img: np.ndarray, size: int) -> np.ndarray:
+  """Adaptive average pooling of the rows of img (H, W, C): one sparse-matrix product with the (H, W*C)
+  image, a single pass whatever the factor (the same float32 sums, in the same order, as weighted row
+  gathers added one by one, ~2x faster)."""
+  n = img.shape[0]
+  if n == size:
+    return img
+  return (_area_matrix(n, size) @ img.reshape(n, -1)).reshape((size,) + img.shape[1:])
 
 
 def area_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -344,7 +387,11 @@ def area_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
   if img.shape[0] % height == 0 and img.shape[1] % width == 0:
     # Integer factors: every window is whole, where OpenCV's INTER_AREA is the same average (and faster).
     return _keep_channels(cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA), img)
-  return _area_axis(_area_axis(img, height, 0), width, 1)
+  out = _area_rows(img, height)
+  if out.shape[1] != width:  # columns: pool the rows of the transposed image (cv2.transpose is cheap)
+    flipped = cv2.transpose(out).reshape(out.shape[1], height, -1)
+    out = cv2.transpose(_area_rows(flipped, width)).reshape(height, width, -1)
+  return out
 
 
 def resize(img: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
@@ -371,8 +418,9 @@ def _poisson_tables(vals: float):
   """Inverse-CDF tables for the 256 Poisson rates k/255*vals (k = 8-bit level).
 
   cdf[k, j] = P(X <= j); stacked = (cdf + k) flattened, for one vectorised binary search;
-  packed[k << 12 | m] = lo | ambiguous << 15, where lo = smallest j with cdf[k, j] >= m/4096 and
-  `ambiguous` says that the bin [m/4096, (m+1)/4096) also reaches larger j.
+  packed[k << B | m] = lo | ambiguous << 15 | multi << 14 (B = _POISSON_BIN_BITS), where lo = smallest j
+  with cdf[k, j] >= m / 2^B, `ambiguous` says that the bin [m / 2^B, (m + 1) / 2^B) also reaches larger j,
+  and `multi` that it reaches beyond lo + 1.
   """
   bins = 1 << _POISSON_BIN_BITS
   lam = np.arange(256, dtype=np.float64) / 255.0 * vals
@@ -389,17 +437,18 @@ def _poisson_tables(vals: float):
   quantile = np.stack([np.searchsorted(row, edges, side="left") for row in cdf])
   quantile = np.minimum(quantile, jmax)
   lo, hi = quantile[:, :-1], quantile[:, 1:]
-  packed = (lo | ((hi > lo).astype(np.int64) << 15)).astype(np.uint16).ravel()
+  packed = (lo | ((hi > lo).astype(np.int64) << 15) | ((hi > lo + 1).astype(np.int64) << 14))
   stacked = (cdf + np.arange(256)[:, None]).ravel()
-  return cdf, packed, stacked
+  return cdf, packed.astype(np.uint16).ravel(), stacked
 
 
 def poisson_sample_levels(rng, levels: np.ndarray, vals: float) -> np.ndarray:
   """Poisson(levels/255*vals) samples for uint8 `levels` (vals <= 256), exact inverse-CDF sampling.
 
-  One 32-bit uniform u per sample: its top 12 bits pick a quantile bin, and a table look-up resolves the
-  ~98% of samples whose bin holds a single value; the rest use a binary search of the CDF. Exact up to the
-  2^-32 resolution of u.
+  One 32-bit uniform u per sample, X = min{j : cdf[k, j] > u}: its top bits pick a quantile bin, and a
+  table look-up resolves the ~97% of samples whose bin holds a single value; where the bin straddles one
+  step of the CDF, one comparison with that step decides, and the rare rest use a binary search of the CDF.
+  Exact up to the 2^-32 resolution of u (the bin count only changes how, never which, value is drawn).
   """
   if vals > 256:
     raise ValueError(f"poisson_sample_levels: vals={vals} > 256")
@@ -409,20 +458,30 @@ def poisson_sample_levels(rng, levels: np.ndarray, vals: float) -> np.ndarray:
   idx |= bits >> (32 - _POISSON_BIN_BITS)
   x = packed.take(idx)
   ambiguous = np.flatnonzero(x >= 0x8000)
-  x &= 0x7FFF
   if ambiguous.size:
-    # X = min{j : cdf[k, j] > u}: one binary search in the rows laid end to end, row k shifted by +k
-    # (non-decreasing overall since every row ends at exactly 1).
+    entry = x.ravel()[ambiguous]
+    lo = (entry & 0x3FFF).astype(np.intp)
     level = levels.ravel()[ambiguous].astype(np.intp)
     u = bits.ravel()[ambiguous] * (1.0 / 2.0 ** 32)
-    pos = np.searchsorted(stacked, u + level, side="right")
-    x.ravel()[ambiguous] = pos - level * cdf.shape[1]
+    step = level * cdf.shape[1] + lo  # flat index of cdf[k, lo]
+    value = lo + (cdf.ravel().take(step) <= u)
+    multi = np.flatnonzero(entry & 0x4000)
+    if multi.size:
+      # One binary search in the rows laid end to end, row k shifted by +k (non-decreasing overall since
+      # every row ends at exactly 1).
+      pos = np.searchsorted(stacked, u[multi] + level[multi], side="right")
+      value[multi] = pos - level[multi] * cdf.shape[1]
+    x &= 0x3FFF
+    x.ravel()[ambiguous] = value
+  else:
+    x &= 0x3FFF
   return x
 
 
 def _level_count(levels: np.ndarray) -> float:
   """2^ceil(log2(number of distinct 8-bit levels)) (Real-ESRGAN's Poisson 'vals')."""
-  distinct = int(np.count_nonzero(np.bincount(levels.ravel(), minlength=256)))
+  histogram = cv2.calcHist([levels.reshape(-1, 1)], [0], None, [256], [0, 256])  # exact counts, ~3x bincount
+  distinct = int(np.count_nonzero(histogram))
   return float(2 ** math.ceil(math.log2(max(distinct, 1))))
 
 
@@ -434,9 +493,8 @@ def poisson_noise(rng, img: np.ndarray, scale: float, gray: bool) -> np.ndarray:
   levels = to_uint8(src)
   vals = _level_count(levels)
   counts = poisson_sample_levels(rng, levels, vals)
-  noise = counts.astype(np.float32)
-  noise *= np.float32(scale / vals)
-  noise -= levels.astype(np.float32) * np.float32(scale / 255)
+  noise = np.multiply(counts, np.float32(scale / vals), dtype=np.float32)
+  noise -= np.multiply(levels, np.float32(scale / 255), dtype=np.float32)
   return noise
 
 
@@ -448,14 +506,16 @@ def jpeg(img: np.ndarray, quality: float, codec: str = "libjpeg") -> np.ndarray:
 def usm_sharpen(img: np.ndarray, weight: float, radius: int, threshold: float) -> np.ndarray:
   """Unsharp masking with a soft threshold mask (Real-ESRGAN's USM, sigma from the radius).
 
-  soft * clip(img + weight * residual) + (1 - soft) * img, computed as img + soft * (sharp - img) in place.
+  soft * clip(img + weight * residual) + (1 - soft) * img with residual = img - blur(img), computed as
+  img + soft * (sharp - img) with sharp = (1 + weight) img - weight blur(img), reusing buffers (each pass
+  over a 512x512 crop costs about as much as a fresh allocation's page faults).
   """
-  residual = img - cv2.GaussianBlur(img, (radius, radius), 0)
-  _, mask = cv2.threshold(np.abs(residual), np.float32(threshold / 255), 1.0, cv2.THRESH_BINARY)
+  blur = cv2.GaussianBlur(img, (radius, radius), 0)
+  mask = cv2.absdiff(img, blur)
+  cv2.threshold(mask, np.float32(threshold / 255), 1.0, cv2.THRESH_BINARY, dst=mask)
+  sharp = cv2.addWeighted(img, 1.0 + weight, blur, -weight, 0.0, dst=blur)
+  np.clip(sharp, 0, 1, out=sharp)
   soft = _keep_channels(cv2.GaussianBlur(_keep_channels(mask, img), (radius, radius), 0), img)
-  residual *= np.float32(weight)
-  residual += img
-  sharp = np.clip(residual, 0, 1, out=residual)
   sharp -= img
   sharp *= soft
   sharp += img
@@ -497,8 +557,10 @@ def _noise(img, p: StageParams, rng):
     noise = gaussian_noise(rng, img.shape, p.noise_sigma, p.gray_noise)
   else:
     noise = poisson_noise(rng, img, p.poisson_scale, p.gray_noise)
-  out = img + noise  # broadcasts a gray (H, W, 1) field over the channels
-  return np.clip(out, 0, 1, out=out)
+  if noise.shape != img.shape:  # a gray (H, W, 1) field, the same on every channel
+    noise = cv2.merge([noise] * img.shape[2])  # (faster than numpy's broadcasting add)
+  noise += img  # the field is ours: add in place
+  return np.clip(noise, 0, 1, out=noise)
 
 
 def degrade_with_params(hr: np.ndarray, config, params: DegradationParams, seq: np.random.SeedSequence,
@@ -516,8 +578,7 @@ def degrade_with_params(hr: np.ndarray, config, params: DegradationParams, seq: 
   if h % s.scale or w % s.scale:
     raise ValueError(f"degrade: HR size {h}x{w} is not a multiple of scale {s.scale}")
   tick = _Timer(timings)
-  img = cv2.cvtColor(hr, cv2.COLOR_RGB2BGR).astype(np.float32)
-  img *= np.float32(1 / 255)
+  img = np.multiply(cv2.cvtColor(hr, cv2.COLOR_RGB2BGR), np.float32(1 / 255), dtype=np.float32)
   tick("to_float")
   sharp = None
   if s.usm_sharpen or s.usm_target:

@@ -160,13 +160,18 @@ def main(argv=None) -> int:
         f"({res['cpu_count']} CPUs, load average {res['load_average_1min']:.1f} at start)")
   print(f"one process: {s['cpu_pairs_per_s']:.1f} pairs/s per core (CPU time, {s['cpu_ms_per_pair']:.1f} ms/pair), "
         f"{s['wall_pairs_per_s']:.1f} pairs/s wall; best-of-3 per pair: {s['best_of_3_pairs_per_s']:.1f} pairs/s")
-  print("per-stage CPU ms/pair: " + ", ".join(f"{k} {v}" for k, v in s["stage_ms_per_pair"].items()))
+  print(f"{'stage (CPU time of this thread)':<34}{'ms/pair':>9}{'share':>8}")
+  for k, v in s["stage_ms_per_pair"].items():
+    print(f"  {k:<32}{v:>9.2f}{s['stage_share'][k]:>8.1%}")
+  print(f"  {'total':<32}{sum(s['stage_ms_per_pair'].values()):>9.2f}")
   jpeg_ms = sum(v for k, v in s["stage_ms_per_pair"].items() if k.startswith("jpeg"))
   print(f"JPEG stages ({s['jpeg_codec']}): {jpeg_ms:.2f} CPU ms/pair")
   res["decoding"] = with_decoding(args.preset, args.crop, min(args.pairs, 60), args.jpeg_codec)
   for name, d in res["decoding"].items():
-    print(f"with decoding, {name} ({d['kib']} KiB): {d['cpu_pairs_per_s']:.1f} pairs/s per core "
-          f"(decode alone {d['decode_cpu_ms']:.1f} CPU ms)")
+    print(f"with decoding, {name} ({d['kib']} KiB): {d['cpu_pairs_per_s']:.1f} pairs/s per core, "
+          f"{1e3 / d['cpu_pairs_per_s']:.1f} CPU ms/pair (decode alone {d['decode_cpu_ms']:.1f} CPU ms)")
+  res["load_average_1min_end"] = os.getloadavg()[0]
+  print(f"load average {res['load_average_1min_end']:.1f} after parts 1 and 3")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(res, f, indent=1)
