@@ -94,3 +94,14 @@ def test_demo_end_to_end_then_resume(tmp_path):
   with open(os.path.join(run, loop.METRICS_FILE)) as f:
     assert [json.loads(line)["step"] for line in f] == steps_logged
   assert {p: os.path.getmtime(os.path.join(workdir, p)) for p in _files(workdir) if p != demo.RESULT_FILE} == before
+
+
+def test_demo_config_file_is_the_demo_settings(tmp_path):
+  from cassr_jax.config import validate_config
+  from test_configs import load_config_file
+
+  config = load_config_file("demo", tmp_path)
+  assert config.to_dict() == demo.demo_config().to_dict()
+  assert config.init.random == "tiny" and config.activation.name == "paired" and config.train.steps == 200
+  config.data.sources = f"paired:{tmp_path}"
+  validate_config(config, device_count=8, process_count=1)
