@@ -33,7 +33,7 @@ METRICS = Registry("metric", {
     "lpips": "cassr_jax.eval.lpips:lpips",
     "lpips_vgg": "cassr_jax.eval.lpips:lpips_vgg",
     "dists": "cassr_jax.eval.dists:dists",
-    "niqe": "cassr_jax.eval.niqe:niqe",
+    "niqe": "cassr_jax.eval.niqe:NIQE_METRIC",
     "fid": "cassr_jax.eval.fid:FID_METRIC",
 })
 

@@ -1,0 +1,109 @@
+"""cassr-demo end to end at a reduced size (2 training steps, 8 training crops, 1 held-out 128 px photo, 1
+sampler step), then the same command again: it must skip every stage (no retraining, outputs kept).
+
+The command runs in a subprocess on one CPU device, as on a user's machine (this process simulates 8)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from cassr_jax.cli import demo
+from cassr_jax.data import images
+from cassr_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--steps=2", "--heldout=1", "--sample-steps=1", "--photo-size=128", "--train-images=8"]
+STAGES = ["data", "train", "sr", "eval_cassr", "eval_stage1"]
+
+
+def run_demo(workdir: str) -> dict:
+  # Faster-compiling XLA (as test_train_loop's subprocesses): compiles dominate 2 steps on 1 image.
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+             "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--workdir", workdir, *SMALL],
+                        env=env, capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "not CasSR's quality" in proc.stdout
+  with open(os.path.join(workdir, demo.RESULT_FILE)) as f:
+    result = json.load(f)
+  eval_dir = result["paths"]["eval"]
+  result["metrics"] = {}
+  for key in ("cassr", "stage1"):
+    with open(os.path.join(eval_dir, key, "summary.json")) as f:
+      result["metrics"][key] = json.load(f)
+  return result
+
+
+def _files(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_demo_end_to_end_then_resume(tmp_path):
+  workdir = str(tmp_path / "demo")
+  first = run_demo(workdir)
+  assert first["skipped"] == [] and list(first["timings"]) == STAGES
+  assert first["step"] == 2
+
+  # Data: 8 training crops with references, the held-out photo (astronaut) as a paired set with a reference.
+  train_set = os.path.join(workdir, "data", "train")
+  assert len(os.listdir(os.path.join(train_set, "ref"))) == 8
+  hr = images.read_image(os.path.join(workdir, "data", "heldout", "hr", "astronaut.png"))
+  lr = images.read_image(os.path.join(workdir, "data", "heldout", "lr", "astronaut.png"))
+  assert hr.shape == (128, 128, 3) and lr.shape == (32, 32, 3)
+
+  # The CasSR output of the trained run: the HR's size, and clearly closer to the HR than an image of uniform
+  # noise (about 7-8 dB): the wavelet colour fix carries the LR's low frequencies into it, the random frozen VAE
+  # of the tiny model only adds texture (a flat image of the HR's mean colour would be too strict: chelsea's
+  # flat PSNR is 18 dB at 256 px, more than the tiny model's 13 dB).
+  (out,) = first["paths"]["outputs"]
+  sr = images.read_image(out)
+  assert sr.shape == hr.shape
+  values = demo.metric_values(first["metrics"]["cassr"])
+  hr01 = hr.astype(np.float64) / 255.0
+  noise = np.random.default_rng(0).random(hr01.shape)
+  noise_psnr = -10 * math.log10(np.mean((noise - hr01) ** 2))
+  assert math.isfinite(values["psnr"]) and values["psnr"] > noise_psnr + 1.5, (values, noise_psnr)
+  ours = -10 * math.log10(np.mean((sr / 255.0 - hr01) ** 2))
+  assert abs(ours - values["psnr"]) < 0.05  # the report's PSNR is this image's
+  # Stage 1 alone (the real Real-ESRGAN weights) on this mild degradation: far better than the tiny stage 2
+  # (at 256 px: 18.5 dB / LPIPS 0.22 on astronaut against 11.0 dB / 0.90).
+  stage1 = demo.metric_values(first["metrics"]["stage1"])
+  assert stage1["psnr"] > values["psnr"] + 3 and 0 < stage1["lpips"] < 0.5, (stage1, values)
+  assert all(values[m] is not None for m in ("psnr", "ssim", "lpips"))
+
+  eval_dir = first["paths"]["eval"]
+  for kind in ("cassr", "stage1"):
+    for name in ("index.html", "summary.md", "summary.json", "per_image.csv", os.path.join("grids", "astronaut.png")):
+      assert os.path.getsize(os.path.join(eval_dir, kind, name)) > 0, (kind, name)
+  with open(os.path.join(eval_dir, "cassr", "index.html"), encoding="utf-8") as f:
+    assert "astronaut" in f.read()
+
+  run = first["paths"]["run"]
+  with open(os.path.join(run, loop.METRICS_FILE)) as f:
+    steps_logged = [json.loads(line)["step"] for line in f]
+  assert steps_logged[-1] == 2
+  before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in _files(workdir) if p != demo.RESULT_FILE}
+
+  # The same command again: everything is found finished; nothing is retrained or rewritten.
+  second = run_demo(workdir)
+  assert second["timings"] == {} and second["skipped"] == STAGES
+  assert second["step"] == 2 and second["metrics"] == first["metrics"]
+  with open(os.path.join(run, loop.METRICS_FILE)) as f:
+    assert [json.loads(line)["step"] for line in f] == steps_logged
+  assert {p: os.path.getmtime(os.path.join(workdir, p)) for p in _files(workdir) if p != demo.RESULT_FILE} == before
+
+
+def test_demo_config_file_is_the_demo_settings(tmp_path):
+  from cassr_jax.config import validate_config
+  from test_configs import load_config_file
+
+  config = load_config_file("demo", tmp_path)
+  assert config.to_dict() == demo.demo_config().to_dict()
+  assert config.init.random == "tiny" and config.activation.name == "paired" and config.train.steps == 200
+  config.data.sources = f"paired:{tmp_path}"
+  validate_config(config, device_count=8, process_count=1)
