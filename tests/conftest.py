@@ -1,8 +1,15 @@
-"""Test set-up: 8 virtual CPU devices for the multi-device tests (set before jax is imported)."""
+"""Test set-up: 8 virtual CPU devices for the multi-device tests and fast-compiling XLA (set before jax is
+imported)."""
 import functools
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests compile hundreds of small XLA programs and run each once or twice, so compile time dominates:
+# LLVM's optimisation passes off roughly halves it (the tiny train step: 74 s -> 30 s) while the heavy
+# convolutions still run in their library kernels. Every parity test holds its tolerance with these flags.
+# Subprocesses that share a persistent compilation cache with this process must use the same flags.
+TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                  "--xla_llvm_disable_expensive_passes=true")
+os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

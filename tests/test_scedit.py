@@ -233,7 +233,7 @@ def test_every_tuner_parameter_gets_gradient_and_unet_stays_frozen(tiny_models, 
 
 
 def test_converter_is_strict_and_names_keys(tmp_path):
-  unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_diffusers(TINY_UNET), rngs=nnx.Rngs(0)))
+  unet = eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_diffusers(TINY_UNET), rngs=nnx.Rngs(0)))
   model = scedit_from_pretrained(unet, mode="csc")
   good = export_scedit_tuners(model)
   # A missing key, a wrong shape and a stray key are all reported, with our parameter names.
