@@ -6,7 +6,7 @@ import os
 # The tests compile hundreds of small XLA programs and run each once or twice, so compile time dominates.
 # LLVM's optimisation passes off and the older (simpler) CPU fusion emitters cut it about 5x (compiling a
 # small CasSR U-Net forward: 40 s -> 7 s of CPU) while the heavy convolutions still run in library kernels.
-# Parity tests keep their tolerances (the CasSR parity error with opt level 0 is unchanged: 4.2e-7).
+# Parity tests keep their tolerances (the CasSR parity error with these flags is unchanged: 4.2e-7).
 # Subprocesses sharing a persistent compilation cache with this process must use the same flags
 # (test_train_loop.environment).
 TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
