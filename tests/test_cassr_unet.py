@@ -11,6 +11,7 @@ from flax import nnx
 
 from cassr_fixtures import (SD_LIKE_UNET, TINY_UNET, nhwc_to_nchw, random_torch_pair,
                             state_dict_numpy)
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.models import frozen_filter, trainable_filter
 from cassr_jax import checkpoint
 from cassr_jax.convert.strict import load_torch_state
@@ -93,7 +94,7 @@ def test_every_trainable_leaf_gets_gradient_and_frozen_stays(rng):
   seen = None
   for _ in range(2):
     grads = step(model, optimizer)
-    nonzero = jax.tree.map(lambda g: bool(jnp.any(g != 0)), grads)
+    nonzero = jax.tree.map(lambda g: bool(np.any(np.asarray(g) != 0)), grads)  # numpy: no compile per shape
     seen = nonzero if seen is None else jax.tree.map(lambda a, b: a or b, seen, nonzero)
   flat = nnx.to_flat_state(seen)
   missing = [".".join(map(str, p)) for p, v in flat if not v.get_value()]
@@ -140,7 +141,7 @@ def test_bf16_compute_close_to_fp32(rng):
     for attn in (ma.ref_attn, ma.lr_attn):
       k = attn.to_out[0].kernel
       k.set_value(jnp.full(k.get_value().shape, 0.02, jnp.float32))
-  bf16 = nnx.eval_shape(lambda: CasSRUNet(config, policy=Policy(jnp.float32, jnp.bfloat16), attention="xla",
+  bf16 = eval_shape(lambda: CasSRUNet(config, policy=Policy(jnp.float32, jnp.bfloat16), attention="xla",
                                           rngs=nnx.Rngs(4)))
   nnx.update(bf16, nnx.state(fp32, nnx.Param))
   args = _inputs(rng)

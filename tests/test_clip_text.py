@@ -16,6 +16,7 @@ from transformers import CLIPTextModel as TorchCLIPTextModel
 from cassr_jax.convert.keys import load_clip_state_dict
 from cassr_jax import checkpoint, text
 from cassr_jax.convert.state_dict import CheckpointError
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.models import clip_text
 from cassr_jax.nn.layers import Policy
 from conftest import relative_max_error
@@ -43,7 +44,7 @@ def _numpy_state(model, prefix=""):
 
 def _abstract(config, **kwargs):
   # Shapes only; load_state_dict fills every parameter (eager random init is slow on CPU).
-  return nnx.eval_shape(lambda: clip_text.CLIPTextModel(config, rngs=nnx.Rngs(0), **kwargs))
+  return eval_shape(lambda: clip_text.CLIPTextModel(config, rngs=nnx.Rngs(0), **kwargs))
 
 
 def _ours(torch_model, **kwargs):

@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from cassr_jax.convert.strict import load_torch_state
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from conftest import relative_max_error
 
@@ -45,7 +46,7 @@ def perturb_norms(model, seed: int, scale: float = 0.1) -> None:
 
 def abstract_load(build, torch_model, *, source: str):
   """Our model from `build()` (traced abstractly: no parameter init) with `torch_model`'s weights, strictly."""
-  model = nnx.eval_shape(build)
+  model = eval_shape(build)
   load_torch_state(model, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}, source=source)
   return model
 

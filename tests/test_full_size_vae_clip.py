@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 from cassr_jax.convert.keys import load_clip_state_dict, load_vae_state_dict
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.models import clip_text, vae
 from conftest import relative_max_error
 
@@ -48,7 +49,7 @@ def sd15_vae():
 
 
 def _ours_vae(config, state):
-  model = nnx.eval_shape(lambda: vae.AutoencoderKL(config, attention="auto", rngs=nnx.Rngs(0)))
+  model = eval_shape(lambda: vae.AutoencoderKL(config, attention="auto", rngs=nnx.Rngs(0)))
   load_vae_state_dict(model, state)
   return model
 
@@ -111,7 +112,7 @@ def test_full_size_clip_text():
   ids[1, -1] = 49407
   with torch.no_grad():
     ref, torch_s = _timed(lambda x: torch_model(x, output_hidden_states=True), torch.from_numpy(ids))
-  ours = nnx.eval_shape(lambda: clip_text.CLIPTextModel(config, rngs=nnx.Rngs(0)))
+  ours = eval_shape(lambda: clip_text.CLIPTextModel(config, rngs=nnx.Rngs(0)))
   load_clip_state_dict(ours, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
   run = nnx.jit(lambda m, x: m(x, hidden_layer=-2))
   out, jax_s = _timed(lambda x: run(ours, x), jnp.asarray(ids))

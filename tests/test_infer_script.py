@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cassr_jax.data import images
+from conftest import TEST_XLA_FLAGS
 from test_pipeline import make_tiny_pipeline_dir
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "infer.py")
@@ -69,7 +70,7 @@ def test_two_processes_split_a_folder(setup, tmp_path):
     os.remove(broken)  # this test checks the split between processes, not failures
   out = str(tmp_path / "sr2")
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS.replace("device_count=8", "device_count=2"), JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, SCRIPT, lr, "--pipeline", pipeline, "--out", out, "--steps", "1", "--no-progress",
        "--attention", "xla", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",

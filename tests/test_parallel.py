@@ -8,6 +8,7 @@ from flax import nnx
 
 from cassr_fixtures import TINY_UNET
 from cassr_jax import parallel
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.models import trainable_filter
 from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -16,7 +17,7 @@ from conftest import jit_call, relative_max_error
 
 def test_every_parameter_has_logical_names():
   config = CasSRConfig.from_unet(UNetConfig.from_diffusers(TINY_UNET))
-  model = nnx.eval_shape(lambda: CasSRUNet(config, rngs=nnx.Rngs(0)))
+  model = eval_shape(lambda: CasSRUNet(config, rngs=nnx.Rngs(0)))
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   unnamed = [p for p, v in flat if not v.get_metadata().get("out_sharding")]
   assert len(flat) > 100 and not unnamed
@@ -82,7 +83,7 @@ def test_optimizer_state_sharded_like_its_parameters():
     model = CasSRUNet(config, attention="xla", rngs=nnx.Rngs(0))
     return nnx.Optimizer(model, optax.adam(1e-3), wrt=trainable_filter(model)), model
 
-  optimizer, model = nnx.eval_shape(build)
+  optimizer, model = eval_shape(build)
   mesh = parallel.make_mesh_from_config({"data": -1, "fsdp": 4})
   rules = parallel.rules_from_config({"rules": [["embed_out", "fsdp"], ["embed_in", "data"]]})
   params = dict(nnx.to_flat_state(parallel.param_shardings(nnx.state(model, nnx.Param), mesh, rules)))

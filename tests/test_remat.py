@@ -7,6 +7,7 @@ from flax import nnx
 
 from cassr_fixtures import TINY_UNET
 from cassr_jax import checkpoint
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.models import trainable_filter
 from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet
 from cassr_jax.models.unet import CROSS_UP, UNetConfig, set_remat
@@ -37,7 +38,6 @@ def test_remat_same_loss_and_gradients_through_multiple_attention():
       kernel = attn.to_out[0].kernel
       kernel.set_value(0.3 * jax.random.normal(jax.random.key(1), kernel.shape, kernel.dtype))
   index = CONFIG.unet.up_block_types.index(CROSS_UP)
-  block = model.unet.up_blocks[index]
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   ch = CONFIG.unet.block_out_channels[0]
@@ -78,7 +78,7 @@ def test_remat_option_reaches_the_whole_training_program():
   rematerialised region per resnet and transformer block with remat on, none with it off."""
   counts = {}
   for remat in ("none", "full"):
-    model = nnx.eval_shape(lambda: checkpoint.build_model("cassr_unet", CONFIG, remat=remat, attention="xla"))
+    model = eval_shape(lambda: checkpoint.build_model("cassr_unet", CONFIG, remat=remat, attention="xla"))
     blocks = [*model.unet.down_blocks, model.unet.mid_block, *model.unet.up_blocks,
               *model.controlnet.down_blocks, model.controlnet.mid_block]
     assert {b.remat for b in blocks} == {remat}
@@ -95,4 +95,4 @@ def test_remat_option_reaches_the_whole_training_program():
   assert counts == {"none": 0, "full": 18}
   assert {b.remat for b in set_remat(model, False).unet.up_blocks} == {"none"}  # a config's boolean switch
   with pytest.raises(ValueError, match="remat='sometimes'"):
-    nnx.eval_shape(lambda: CasSRUNet(CONFIG, remat="sometimes", rngs=nnx.Rngs(0)))
+    eval_shape(lambda: CasSRUNet(CONFIG, remat="sometimes", rngs=nnx.Rngs(0)))

@@ -59,12 +59,11 @@ def command(images, workdir, steps, *extra):
           f"--config.train.steps={steps}", *OVERRIDES, *extra, "--workdir", str(workdir)]
 
 
-def environment(cache_dir, devices=8, fast_compile=False):
-  """Same XLA flags as this process (so the persistent cache serves its executables), or faster-compiling
-  ones for programs this process never compiles (the 2-process run)."""
-  flags = f"--xla_force_host_platform_device_count={devices}"
-  if fast_compile:
-    flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+def environment(cache_dir, devices=8):
+  """This process's XLA flags (conftest's fast-compiling ones, so the persistent cache serves its executables)
+  with `devices` CPU devices."""
+  flags = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+                   + [f"--xla_force_host_platform_device_count={devices}"])
   return dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=flags,
               JAX_DEFAULT_PRNG_IMPL=jax.config.jax_default_prng_impl, JAX_COMPILATION_CACHE_DIR=cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -115,7 +114,7 @@ def test_two_processes_match_one(images, tmp_path, reference, cache_dir):
   procs = [subprocess.Popen(command(images, workdir, 3, "--config.train.val_every=0",
                                     f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-                            env=environment(cache_dir, devices=4, fast_compile=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=environment(cache_dir, devices=4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from cassr_jax.convert.strict import load_torch_state
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from cassr_jax.nn.layers import Policy
 from conftest import relative_max_error
@@ -52,7 +53,7 @@ def convert(torch_model, policy: Policy = Policy(), attention: str = "auto"):
   """Our model with the torch weights. Built abstractly (no random init: that costs an eager compile per
   parameter shape and dtype), then filled strictly from the state dict."""
   config = UNetConfig.from_diffusers(dict(torch_model.config))
-  model = nnx.eval_shape(lambda: UNet2DConditionModel(config, policy=policy, attention=attention,
+  model = eval_shape(lambda: UNet2DConditionModel(config, policy=policy, attention=attention,
                                                       rngs=nnx.Rngs(0)))
   load_torch_state(model, {k: v.numpy() for k, v in torch_model.state_dict().items()}, source="diffusers unet")
   return model
@@ -114,7 +115,7 @@ def test_reduced_precision_policies(rng):
 
 
 def test_every_parameter_has_logical_axis_names():
-  model = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_diffusers(SD2), rngs=nnx.Rngs(0)))
+  model = eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_diffusers(SD2), rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
   specs = dict(nnx.to_flat_state(nnx.get_partition_spec(params)))
   values = dict(nnx.to_flat_state(params))

@@ -14,6 +14,7 @@ from cassr_jax.convert.keys import load_vae_state_dict
 from cassr_jax import checkpoint
 from cassr_jax.convert.state_dict import CheckpointError
 from cassr_jax.convert.strict import export_torch_state
+from cassr_jax.jax_compat import eval_shape
 from cassr_jax.models import vae
 from cassr_jax.nn.layers import Policy
 from conftest import relative_max_error
@@ -43,7 +44,7 @@ def _numpy_state(model):
 
 def _abstract(config, **kwargs):
   # Shapes only: eager random init compiles one kernel per parameter shape, which is slow on CPU.
-  return nnx.eval_shape(lambda: vae.AutoencoderKL(config, rngs=nnx.Rngs(0), **kwargs))
+  return eval_shape(lambda: vae.AutoencoderKL(config, rngs=nnx.Rngs(0), **kwargs))
 
 
 def _ours(torch_model, **kwargs):
