@@ -111,7 +111,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.val_every = 2_000                  # validation grid (LR | reference | sample | HR); 0 = off
   c.train.val_images = 4
-  c.train.val_timestep = 500                 # noise level of the one-step x0 prediction (Trainer.preview)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
@@ -324,8 +323,6 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
          f"train.weight_decay={t.weight_decay!r}: expected >= 0")
   _check(problems, t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r}: not one of {OPTIMIZERS}")
   _check(problems, t.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={t.lr_schedule!r}: not one of {LR_SCHEDULES}")
-  _check(problems, isinstance(t.val_timestep, int) and 0 <= t.val_timestep < 1000,
-         f"train.val_timestep={t.val_timestep!r}: expected an integer in [0, 1000)")
   batch_ok = isinstance(t.batch_size, int) and isinstance(t.grad_accum, int) and t.grad_accum >= 1
   if batch_ok:
     _check(problems, t.batch_size % t.grad_accum == 0,

@@ -51,7 +51,7 @@ def test_loop_trains_only_the_tuners(run):
   assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
   fresh = build_components(config, model_only=True).model
   initial = nnx.state(fresh, trainable_filter(fresh))
-  paths = [".".join(str(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(initial)[0]]
+  paths = list(checkpointing.flatten(initial))
   assert paths and all(p.startswith(("tuners.", "hint.")) for p in paths)
   saver = checkpointing.Checkpointer(workdir, keep=1, read_only=True)
   assert saver.all_steps() == [2]

@@ -1,5 +1,5 @@
 """The CasSR training step (paper Eq. 3) as one jitted, sharded function, plus the validation preview (a real
-sampling run, and the one-step x0 prediction).
+sampling run with config.sample's sampler and steps).
 
 Per example: the frozen VAE encodes the HR crop (posterior sample x scaling factor), t ~ U{0..T-1}, noise is
 added with the SD schedule, the CasSR U-Net predicts epsilon (or v) from x_t, t, the prompt embedding (dropped
@@ -33,7 +33,7 @@ from cassr_jax.color import color_fix
 from cassr_jax.config import NO_ACTIVATION, PAIRED_ACTIVATION, model_kind
 from cassr_jax.models import trainable_filter
 from cassr_jax.sampling import cfg_denoiser, make_plan, run_plan
-from cassr_jax.schedulers import add_noise, predict_x0, training_target
+from cassr_jax.schedulers import add_noise, training_target
 from cassr_jax.text import encode_prompts
 from cassr_jax.train.components import Components
 from cassr_jax.train.optim import make_optimizer
@@ -272,24 +272,15 @@ class Trainer:
 
   # -- preview --------------------------------------------------------------------------------------------
   def _preview(self, params, frozen, batch):
-    """The validation images in [0, 1]: "ref" (the stage-1 reference, or lr_up when the model takes none),
-    "sample" (a real sampling run, what inference gives) and "x0" (the one-step x0 prediction at
-    train.val_timestep from the noised HR latents, a cheap check of the denoiser itself)."""
+    """The validation images in [0, 1]: "ref" (the stage-1 reference, or lr_up when the model takes none) and
+    "sample" (a real sampling run with config.sample's settings: what inference gives)."""
     model = self._merge(params, frozen)
     vae = nnx.merge(self.vae_graphdef, frozen["vae"])
     ref = self._reference(frozen, batch)
-    latents = vae.scale_latents(vae.encode(batch["hr"] * 2.0 - 1.0).mean.astype(jnp.float32))
-    b = latents.shape[0]
-    key = jax.random.key(int(self.config.seed) + 1, impl=KEY_IMPL)
-    noise = jax.random.normal(key, latents.shape, jnp.float32)
-    t = jnp.full((b,), int(self.config.train.val_timestep), jnp.int32)
-    x_t = add_noise(self.schedule, latents, noise, t)
-    context = jnp.broadcast_to(frozen["text"]["prompt"], (b,) + frozen["text"]["prompt"].shape[1:])
-    pred = self._apply(model, x_t, t, context.astype(jnp.float32), batch["lr_up"], ref)
-    x0 = predict_x0(self.schedule, x_t, pred.astype(jnp.float32), t)
-    decode = lambda z: jnp.clip((vae.decode_latents(z).astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-    return {"ref": batch["lr_up"] if ref is None else ref, "x0": decode(x0),
-            "sample": self._sample(model, vae, frozen, batch["lr_up"], ref, latents.shape)}
+    lr_up = batch["lr_up"]
+    f = vae.config.downscale
+    shape = (lr_up.shape[0], lr_up.shape[1] // f, lr_up.shape[2] // f, vae.config.latent_channels)
+    return {"ref": lr_up if ref is None else ref, "sample": self._sample(model, vae, frozen, lr_up, ref, shape)}
 
   def _sample(self, model, vae, frozen, lr_up, ref, shape):
     """config.sample's sampler with CFG, as inference runs it (without tiles): CasSR starts from the LR
