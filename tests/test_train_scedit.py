@@ -88,6 +88,9 @@ def test_export_loads_as_the_scedit_activation(run, tmp_path):
 
   act = export.load_activation(out)
   assert act.name == "scedit" and act.scale == 4 and act.steps == config.sample.steps
+  from_run = export.activation_from_run(workdir)  # the same activation straight from the run (not run here)
+  settings = lambda a: (a.name, a.scale, a.steps, a.sampler, a.guidance_scale, a.seed)
+  assert settings(from_run) == settings(act)
   lr = np.random.default_rng(0).random((1, 16, 16, 3)).astype(np.float32)
   ref = np.asarray(act(lr))
   assert ref.shape == (1, 64, 64, 3) and np.all(np.isfinite(ref))
