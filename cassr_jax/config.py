@@ -12,9 +12,12 @@ Config files under configs/ are Python files with get_config() that start from `
             controlnet: optional converted ControlNet directory to start the ControlNet from (default: a copy
             of the U-Net encoder); tokenizer: CLIP tokenizer directory or hub id (default: the pretrained
             source's tokenizer/).
-  model     CasSRConfig switches, parsed whole by the dataclass (unknown keys are named in the error).
+  model     kind ("cassr": the CasSR U-Net, stage 2; "scedit": the SCEdit tuners on the frozen SD U-Net, stage 1)
+            plus that model's switches (CasSRConfig / SCEditConfig fields), parsed whole by the dataclass
+            (unknown keys are named in the error).
   runtime   attention implementation, param_dtype (master weights), dtype (compute), remat.
-  activation  stage-1 reference: {"name": ..., options}; "paired" reads references from a paired data set.
+  activation  stage-1 reference: {"name": ..., options}; "paired" reads references from a paired data set;
+            "none" for a model that takes no reference (model.kind "scedit").
   text      the fixed prompt, the CFG negative prompt and the prompt dropout (to the empty prompt).
   data      cassr_jax.data.pipeline.default_data_config() without batch_size: the per-host batch is derived
             from train.batch_size (GLOBAL) / process count by the trainer.
@@ -47,6 +50,8 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw")
 RANDOM_MODELS = ("tiny",)
 PAIRED_ACTIVATION = "paired"  # references come from the data set (scripts/make_paired_data.py --activation)
+NO_ACTIVATION = "none"        # no stage-1 reference (a model that is not conditioned on one)
+MODEL_KINDS = ("cassr", "scedit")
 
 
 class ConfigError(ValueError):
@@ -65,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init.tokenizer = ""
 
   c.model = ml_collections.ConfigDict()
+  c.model.kind = "cassr"                    # or "scedit" (stage-1 tuners; configs/scedit_stage1.py)
   c.model.multiple_attention = True
   c.model.residual_add = True
   c.model.reference_source = "activation"   # or "lr" (paper ablation "LR-Image")
@@ -103,9 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.checkpoint_every = 2_000
   c.train.keep_checkpoints = 3
-  c.train.val_every = 2_000                  # validation grid (LR | reference | one-step x0 | HR); 0 = off
+  c.train.val_every = 2_000                  # validation grid (LR | reference | sample | HR); 0 = off
   c.train.val_images = 4
-  c.train.val_timestep = 500                 # noise level of the one-step x0 preview
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
@@ -162,20 +167,42 @@ def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def model_kind(config) -> str:
+  """config.model.kind ("cassr" when absent: run configs written before the switch existed)."""
+  return str(config.model.get("kind", "cassr"))
+
+
 def model_config_values(config) -> dict[str, Any]:
-  """config.model as a plain dict (what CasSRConfig is parsed from)."""
-  return dict(config.model.to_dict())
+  """config.model as a plain dict without `kind` (what the model's config dataclass is parsed from)."""
+  values = dict(config.model.to_dict())
+  values.pop("kind", None)
+  return values
 
 
 def parse_model_switches(config):
-  """CasSRConfig with the switches of config.model (U-Net / ControlNet shapes come from init)."""
+  """CasSRConfig / SCEditConfig (per model.kind) with the switches of config.model; the U-Net (and
+  ControlNet) shapes come from init."""
   from cassr_jax.models import config_from_dict  # pylint: disable=import-outside-toplevel
-  from cassr_jax.models.cassr_unet import CasSRConfig  # pylint: disable=import-outside-toplevel
 
+  kind = model_kind(config)
+  if kind not in MODEL_KINDS:
+    raise ValueError(f"config.model.kind={kind!r}: not one of {MODEL_KINDS}")
   values = model_config_values(config)
   if "unet" in values or "controlnet" in values:
     raise ValueError("config.model: 'unet'/'controlnet' shapes come from config.init, not config.model")
+  if kind == "scedit":
+    from cassr_jax.models.scedit import SCEditConfig  # pylint: disable=import-outside-toplevel
+    return config_from_dict(SCEditConfig, values)
+  from cassr_jax.models.cassr_unet import CasSRConfig  # pylint: disable=import-outside-toplevel
   return config_from_dict(CasSRConfig, values)
+
+
+def uses_reference(config) -> bool:
+  """Whether the trained model reads a stage-1 reference (CasSR with multiple attention on the activation)."""
+  if model_kind(config) != "cassr":
+    return False
+  values = model_config_values(config)
+  return values.get("reference_source", "activation") == "activation" and values.get("multiple_attention", True)
 
 
 def _looks_like_path(s: str) -> bool:
@@ -210,10 +237,14 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
       _check(problems, os.path.exists(os.path.expanduser(value)), f"init.{key}={value!r}: no such file or directory")
 
   # model switches (the dataclass names unknown keys and bad values)
+  kind = model_kind(c)
   try:
     parse_model_switches(c)
   except (ValueError, TypeError) as e:
     problems.append(f"model: {e}")
+  if kind == "scedit":
+    _check(problems, not str(c.init.controlnet or ""),
+           f"init.controlnet={c.init.controlnet!r}: model.kind='scedit' has no ControlNet (leave it empty)")
 
   # runtime
   _check(problems, c.runtime.attention in ATTENTIONS, f"runtime.attention={c.runtime.attention!r}: not one of "
@@ -230,6 +261,13 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
   name = act.pop("name", None)
   if name is None:
     problems.append("activation: needs a 'name'")
+  elif kind == "scedit" or name == NO_ACTIVATION:
+    # SCEdit is itself the stage-1 model: it is conditioned on the LR image and trained on the HR alone.
+    _check(problems, kind == "scedit", f"activation.name={NO_ACTIVATION!r}: only for model.kind='scedit' (CasSR "
+           "needs a stage-1 reference; 'bicubic' is the cheapest)")
+    _check(problems, name == NO_ACTIVATION and not act,
+           f"activation.name={name!r}: model.kind='scedit' takes no stage-1 reference; set activation to "
+           f"{{'name': {NO_ACTIVATION!r}}}")
   elif name == PAIRED_ACTIVATION:
     _check(problems, not act, f"activation 'paired' takes no options, got {sorted(act)}")
   else:
@@ -285,8 +323,6 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
          f"train.weight_decay={t.weight_decay!r}: expected >= 0")
   _check(problems, t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r}: not one of {OPTIMIZERS}")
   _check(problems, t.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={t.lr_schedule!r}: not one of {LR_SCHEDULES}")
-  _check(problems, isinstance(t.val_timestep, int) and 0 <= t.val_timestep < 1000,
-         f"train.val_timestep={t.val_timestep!r}: expected an integer in [0, 1000)")
   batch_ok = isinstance(t.batch_size, int) and isinstance(t.grad_accum, int) and t.grad_accum >= 1
   if batch_ok:
     _check(problems, t.batch_size % t.grad_accum == 0,
@@ -299,6 +335,16 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
       _check(problems, micro % device_count == 0,
              f"train.batch_size / grad_accum = {micro} (one micro-batch) must be a multiple of the "
              f"{device_count} devices it is split over")
+
+  # sample (the validation grid samples with these)
+  sm = c.sample
+  _check(problems, isinstance(sm.steps, int) and not isinstance(sm.steps, bool) and sm.steps >= 1,
+         f"sample.steps={sm.steps!r}: expected a positive integer")
+  _check(problems, _is_number(sm.guidance_scale), f"sample.guidance_scale={sm.guidance_scale!r}: expected a number")
+  from cassr_jax.registry import SAMPLERS  # pylint: disable=import-outside-toplevel
+  _check(problems, sm.sampler in SAMPLERS, f"sample.sampler={sm.sampler!r}: not one of {SAMPLERS.names()}")
+  from cassr_jax.color import COLOR_FIXES  # pylint: disable=import-outside-toplevel
+  _check(problems, sm.color_fix in COLOR_FIXES, f"sample.color_fix={sm.color_fix!r}: not one of {COLOR_FIXES}")
 
   # mesh
   m = c.mesh

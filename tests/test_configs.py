@@ -9,7 +9,8 @@ import pytest
 from cassr_jax.config import GENERAL_PROMPT, ConfigError, base_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"base": 4, "a100x8": 8, "h100x8": 8, "tpu_v5e_pod": 32, "tiny": 8}  # name -> its device count
+# name -> its device count
+CONFIGS = {"base": 4, "a100x8": 8, "h100x8": 8, "tpu_v5e_pod": 32, "tiny": 8, "scedit_stage1": 8}
 
 
 def load_config_file(name, cwd):

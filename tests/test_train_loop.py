@@ -96,7 +96,11 @@ def test_reference_run_logs_checkpoints_and_images(reference):
   assert checkpointing.Checkpointer(workdir, keep=3, read_only=True).all_steps() == list(range(2, STEPS + 1, 2))
   assert sorted(os.listdir(workdir / "images")) == ["val_00000006.png", "val_00000012.png"]
   grid = np.asarray(Image.open(workdir / "images" / "val_00000012.png"))
-  assert grid.shape == (2 * 64, 4 * 64, 3)  # val_images rows x (LR | reference | x0 | HR)
+  assert grid.shape == (2 * 64, 4 * 64, 3)  # val_images rows x (LR | reference | sample | HR)
+  lr_col, sample_col, hr_col = (grid[:, i * 64:(i + 1) * 64].astype(float) for i in (0, 2, 3))
+  # A sampled image (config.sample: 2 steps from the noised LR latents), not a copy of an input column.
+  assert np.abs(sample_col - lr_col).mean() > 2.0 and np.abs(sample_col - hr_col).mean() > 2.0
+  assert sample_col.std() > 2.0
   assert len(os.listdir(workdir / "tensorboard")) == 1
   config = checkpointing.read_run_config(str(workdir))
   assert config.train.steps == STEPS and config.init.random == "tiny"

@@ -128,7 +128,8 @@ class Checkpointer:
 
 
 def load_trained_model(run_dir: str, step: int | None = None, *, ema: bool = True):
-  """(CasSRUNet with the trained weights of `step` (default: the latest), the run config).
+  """(the run's model - CasSRUNet, or SCEditUNet for model.kind "scedit" - with the trained weights of `step`
+  (default: the latest), the run config).
 
   ema=True takes the EMA weights when the run kept them (train.ema_decay > 0), else the trained weights.
   Frozen weights come from the run's init (converted weights are looked up in <run_dir>/pretrained).

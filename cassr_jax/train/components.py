@@ -1,5 +1,6 @@
-"""What a run starts from (config.init): the CasSR U-Net, the frozen VAE and CLIP text encoder, the tokenizer
-and the noise schedule, from converted / convertible SD-1.5 weights or a named random model built in code.
+"""What a run starts from (config.init): the trained model (config.model.kind: the CasSR U-Net, or the SCEdit
+tuners around the frozen SD U-Net), the frozen VAE and CLIP text encoder, the tokenizer and the noise schedule,
+from converted / convertible SD-1.5 weights or a named random model built in code.
 
 The frozen weights always come from here (never from a training checkpoint), so init must be deterministic:
 pretrained weights are read from disk, random ones from config.seed.
@@ -13,11 +14,12 @@ import os
 from flax import nnx
 
 from cassr_jax import checkpoint
-from cassr_jax.config import parse_model_switches
+from cassr_jax.config import model_config_values, model_kind, parse_model_switches
 from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet, cassr_from_pretrained
 from cassr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from cassr_jax.models.controlnet import ControlNetConfig
-from cassr_jax.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNetConfig
+from cassr_jax.models.scedit import SCEditUNet, scedit_from_pretrained
+from cassr_jax.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNet2DConditionModel, UNetConfig
 from cassr_jax.models.vae import AutoencoderKL, VAEConfig
 from cassr_jax.nn.layers import Policy
 from cassr_jax.schedulers import NoiseSchedule, load_schedule_config, make_schedule
@@ -33,6 +35,7 @@ class RandomModel:
   unet: UNetConfig
   vae: VAEConfig
   text: CLIPTextConfig
+  scedit: tuple[tuple[str, object], ...] = ()  # SCEditConfig defaults of model.kind "scedit" (model overrides)
 
 
 # SD-1.5's structure in miniature: VAE x8 (so the hint image is 8x the latent, as the ControlNet's hint encoder
@@ -44,13 +47,15 @@ RANDOM_MODELS = {
                         cross_attention_dim=32, norm_num_groups=8),
         vae=VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
         text=CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2)),
+                            num_attention_heads=2),
+        # SCEdit's hint encoder at a quarter of its widths (4..24 channels, 32 out).
+        scedit=(("hint_dim_ratio", 0.25), ("hint_out_channels", 32))),
 }
 
 
 @dataclasses.dataclass
 class Components:
-  model: CasSRUNet
+  model: CasSRUNet | SCEditUNet
   vae: AutoencoderKL | None
   text_encoder: CLIPTextModel | None
   tokenizer: object
@@ -103,21 +108,53 @@ def _cassr_config(config, unet_config: UNetConfig) -> CasSRConfig:
   return dataclasses.replace(switches, unet=unet_config, controlnet=ControlNetConfig.from_unet(unet_config))
 
 
+def _scedit_config(config, unet_config: UNetConfig, defaults=()):
+  """SCEditConfig around `unet_config`: the random model's defaults, then the switches of config.model."""
+  switches = parse_model_switches(config)
+  explicit = {k: getattr(switches, k) for k in model_config_values(config)}
+  return dataclasses.replace(switches, unet=unet_config, **{**dict(defaults), **explicit})
+
+
+def _random_model(config, spec: RandomModel, policy: Policy):
+  rngs = nnx.Rngs(int(config.seed))
+  if model_kind(config) == "scedit":
+    unet = UNet2DConditionModel(spec.unet, policy=policy, rngs=rngs,
+                                **runtime_options(config, UNet2DConditionModel.__init__))
+    return SCEditUNet(_scedit_config(config, spec.unet, spec.scedit), policy=policy, rngs=rngs, unet=unet)
+  model = CasSRUNet(_cassr_config(config, spec.unet), policy=policy, rngs=rngs,
+                    **runtime_options(config, CasSRUNet.__init__))
+  # An untrained CasSR must start from "SD + ControlNet": the ControlNet copies the U-Net encoder and the
+  # multiple-attention output projections are zero, as with pretrained weights.
+  from cassr_jax.models.controlnet import copy_unet_encoder  # pylint: disable=import-outside-toplevel
+  copy_unet_encoder(model.unet, model.controlnet)
+  return model
+
+
+def _pretrained_model(config, root: str, policy: Policy):
+  unet_dir = os.path.join(root, "unet")
+  if model_kind(config) == "scedit":
+    # The SD U-Net keeps its weights (frozen); the tuners start as the identity (zero output layers).
+    unet = checkpoint.load_model(unet_dir, policy=policy, **runtime_options(config, UNet2DConditionModel.__init__))
+    return scedit_from_pretrained(unet, _scedit_config(config, unet.config), policy=policy, seed=int(config.seed))
+  unet = checkpoint.load_model(unet_dir, policy=policy, attention=config.runtime.attention)
+  controlnet = None
+  if config.init.controlnet:
+    controlnet = checkpoint.load_model(os.path.expanduser(str(config.init.controlnet)), policy=policy,
+                                       attention=config.runtime.attention)
+  return cassr_from_pretrained(unet, _cassr_config(config, unet.config), controlnet, policy=policy,
+                               seed=int(config.seed), **runtime_options(config, cassr_from_pretrained))
+
+
 def build_components(config, workdir: str | None = None, *, model_only: bool = False) -> Components:
   """The models of config.init with config.runtime's dtypes and attention (frozen parts deterministic).
 
-  model_only: only the CasSR U-Net (and the schedule); vae, text_encoder and tokenizer are None.
+  The trained model is config.model.kind's: CasSRUNet ("cassr") or SCEditUNet ("scedit").
+  model_only: only that model (and the schedule); vae, text_encoder and tokenizer are None.
   """
   policy = policy_of(config)
-  options = runtime_options(config, CasSRUNet.__init__)
   if config.init.random:
     spec = RANDOM_MODELS[str(config.init.random)]
-    rngs = nnx.Rngs(int(config.seed))
-    model = CasSRUNet(_cassr_config(config, spec.unet), policy=policy, rngs=rngs, **options)
-    # An untrained CasSR must start from "SD + ControlNet": the ControlNet copies the U-Net encoder and the
-    # multiple-attention output projections are zero, as with pretrained weights.
-    from cassr_jax.models.controlnet import copy_unet_encoder  # pylint: disable=import-outside-toplevel
-    copy_unet_encoder(model.unet, model.controlnet)
+    model = _random_model(config, spec, policy)
     if model_only:
       return Components(model, None, None, None, make_schedule())
     vae = AutoencoderKL(spec.vae, policy=policy, attention=config.runtime.attention, rngs=nnx.Rngs(int(config.seed) + 1))
@@ -126,14 +163,7 @@ def build_components(config, workdir: str | None = None, *, model_only: bool = F
     return Components(model, vae, text_encoder, HashTokenizer(spec.text.vocab_size), make_schedule())
 
   root = converted_pretrained(config, workdir)
-  unet = checkpoint.load_model(os.path.join(root, "unet"), policy=policy, attention=config.runtime.attention)
-  controlnet = None
-  if config.init.controlnet:
-    controlnet = checkpoint.load_model(os.path.expanduser(str(config.init.controlnet)), policy=policy,
-                                       attention=config.runtime.attention)
-  model = cassr_from_pretrained(unet, _cassr_config(config, unet.config), controlnet, policy=policy,
-                                seed=int(config.seed), **runtime_options(config, cassr_from_pretrained))
-  del unet
+  model = _pretrained_model(config, root, policy)
   schedule = make_schedule(load_schedule_config(root))
   if model_only:
     return Components(model, None, None, None, schedule)

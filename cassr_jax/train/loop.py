@@ -3,7 +3,8 @@
 Every process runs the same program (jax.distributed for several hosts): each reads its own shard of the data
 (per-host batch = train.batch_size / process count), the batches become global arrays split over the
 (data, fsdp) mesh, and one jitted step updates the sharded state. Process 0 alone writes the progress bar,
-TensorBoard events, metrics.jsonl and validation grids; every process takes part in checkpoint saves.
+TensorBoard events, metrics.jsonl and validation grids (LR | reference | sample | HR on a fixed batch, sampled
+with config.sample's sampler and steps); every process takes part in checkpoint saves.
 
 Stops: after train.steps; on SIGTERM/SIGINT (saves a checkpoint of the last finished step, returns); on a
 non-finite loss or gradient norm (FloatingPointError naming the step; the step was not applied and no
@@ -130,7 +131,7 @@ class Logger:
 
   def image(self, step: int, grid: np.ndarray) -> None:
     write_png(os.path.join(self.workdir, "images", f"val_{step:08d}.png"), grid)
-    self.writer.add_image("val/lr_ref_x0_hr", grid, step, dataformats="HWC")
+    self.writer.add_image("val/lr_ref_sample_hr", grid, step, dataformats="HWC")
 
   def close(self) -> None:
     self.bar.close()
@@ -231,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     out = jax.device_get(trainer.preview(state["params"], trainer.frozen, val_batch))
     if logger is not None:
       host = jax.device_get(val_batch)
-      logger.image(step, _grid([host["lr_up"], out["ref"], out["x0"], host["hr"]]))
+      logger.image(step, _grid([host["lr_up"], out["ref"], out["sample"], host["hr"]]))
 
   step = start
   try:

@@ -1,4 +1,5 @@
-"""The CasSR training step (paper Eq. 3) as one jitted, sharded function, plus the one-step x0 preview.
+"""The CasSR training step (paper Eq. 3) as one jitted, sharded function, plus the validation preview (a real
+sampling run with config.sample's sampler and steps).
 
 Per example: the frozen VAE encodes the HR crop (posterior sample x scaling factor), t ~ U{0..T-1}, noise is
 added with the SD schedule, the CasSR U-Net predicts epsilon (or v) from x_t, t, the prompt embedding (dropped
@@ -6,6 +7,9 @@ to the empty prompt with probability text.prompt_dropout), the LR upsampled to H
 reference; the loss is the MSE to the schedule's target. Every random draw of an example is keyed by
 (seed, step, epoch, index of the example), so the loss does not depend on how the batch is split over
 devices, hosts or gradient-accumulation micro-batches.
+
+config.model.kind "scedit" trains the SCEdit tuners (stage 1) with the same objective: the model is the frozen
+SD U-Net with tuners, conditioned on the upsampled LR image (the CSC hint) and no stage-1 reference.
 
 State layout (a dict pytree; TrainState below): params (the trainable nnx.State: ControlNet + multiple
 attention), opt (nnx.Optimizer state over exactly those params), ema (optional), step, rng (threefry key
@@ -25,9 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cassr_jax import parallel
 from cassr_jax.activation import build_activation
-from cassr_jax.config import PAIRED_ACTIVATION
+from cassr_jax.color import color_fix
+from cassr_jax.config import NO_ACTIVATION, PAIRED_ACTIVATION, model_kind
 from cassr_jax.models import trainable_filter
-from cassr_jax.schedulers import add_noise, predict_x0, training_target
+from cassr_jax.sampling import cfg_denoiser, make_plan, run_plan
+from cassr_jax.schedulers import add_noise, training_target
 from cassr_jax.text import encode_prompts
 from cassr_jax.train.components import Components
 from cassr_jax.train.optim import make_optimizer
@@ -83,6 +89,7 @@ class Trainer:
     self.schedule = components.schedule
     model = components.model
     self.model_config = model.config
+    self.model_kind = model_kind(config)
     self.trainable = trainable_filter(model)
     self.graphdef, params, frozen_model = nnx.split(model, self.trainable, ...)
     self.tx, self.lr_schedule = make_optimizer(config.train)
@@ -99,8 +106,9 @@ class Trainer:
     # Stage-1 reference: a jittable activation inside the step, or the data set's 'ref'.
     act = dict(config.activation.to_dict())
     self.activation_name = act["name"]
-    self.uses_reference = model.config.reference_source == "activation" and model.config.multiple_attention
-    if self.activation_name == PAIRED_ACTIVATION:
+    self.uses_reference = (self.model_kind == "cassr" and model.config.reference_source == "activation"
+                           and model.config.multiple_attention)
+    if self.activation_name in (PAIRED_ACTIVATION, NO_ACTIVATION):
       self.act_fn, act_state = None, None
     else:
       activation = build_activation(act)
@@ -109,8 +117,11 @@ class Trainer:
                          "scripts/make_paired_data.py --activation and train with activation.name='paired'")
       self.act_fn, act_state = activation.pure()
 
-    text = {"prompt": encode_prompts(components.text_encoder, components.tokenizer, config.text.prompt),
-            "empty": encode_prompts(components.text_encoder, components.tokenizer, "")}
+    embed = lambda prompt: encode_prompts(components.text_encoder, components.tokenizer, prompt)
+    text = {"prompt": embed(config.text.prompt), "empty": embed(""),
+            "negative": embed(config.text.get("negative_prompt", ""))}
+    # Validation sampling: config.sample's sampler and steps (the plan's tables are host-side constants).
+    self.val_plan = make_plan(config.sample.sampler, self.schedule, int(config.sample.steps))
 
     # Shardings: parameters and optimizer state by their logical axis names, batches over every device.
     self.param_shardings = parallel.param_shardings(params, mesh)
@@ -124,7 +135,7 @@ class Trainer:
         "vae": parallel.param_shardings(vae_state, mesh),
         "act": parallel.param_shardings(act_state, mesh) if isinstance(act_state, nnx.State)
                else jax.tree.map(lambda _: rep, act_state),
-        "text": {"prompt": rep, "empty": rep},
+        "text": {k: rep for k in text},
     }
     self.frozen = place({"model": frozen_model, "vae": vae_state, "act": act_state, "text": text},
                         self.frozen_shardings)
@@ -182,6 +193,13 @@ class Trainer:
       return batch["ref"]
     return self.act_fn(frozen["act"], batch["lr"])
 
+  def _apply(self, model, x_t, t, context, lr_up, ref):
+    """The trained model's output: CasSR reads the upsampled LR (ControlNet) and the reference; SCEdit reads
+    the upsampled LR as its CSC hint (none in SC mode)."""
+    if self.model_kind == "scedit":
+      return model(x_t, t, context, lr_up if model.hint is not None else None)
+    return model(x_t, t, context, lr_up, ref)
+
   def _loss(self, params, frozen, batch, key):
     model = self._merge(params, frozen)
     vae = nnx.merge(self.vae_graphdef, frozen["vae"])
@@ -203,7 +221,7 @@ class Trainer:
     text = frozen["text"]
     context = jnp.where(drop[:, None, None], text["empty"], text["prompt"]).astype(jnp.float32)
     del b
-    pred = model(x_t, t, context, batch["lr_up"], self._reference(frozen, batch))
+    pred = self._apply(model, x_t, t, context, batch["lr_up"], self._reference(frozen, batch))
     target = training_target(self.schedule, latents, noise, t)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
@@ -254,18 +272,41 @@ class Trainer:
 
   # -- preview --------------------------------------------------------------------------------------------
   def _preview(self, params, frozen, batch):
-    """(reference, one-step x0 prediction decoded) in [0, 1] at a fixed noise level (validation grid)."""
+    """The validation images in [0, 1]: "ref" (the stage-1 reference, or lr_up when the model takes none) and
+    "sample" (a real sampling run with config.sample's settings: what inference gives)."""
     model = self._merge(params, frozen)
     vae = nnx.merge(self.vae_graphdef, frozen["vae"])
-    latents = vae.scale_latents(vae.encode(batch["hr"] * 2.0 - 1.0).mean.astype(jnp.float32))
-    b = latents.shape[0]
-    key = jax.random.key(int(self.config.seed) + 1, impl=KEY_IMPL)
-    noise = jax.random.normal(key, latents.shape, jnp.float32)
-    t = jnp.full((b,), int(self.config.train.val_timestep), jnp.int32)
-    x_t = add_noise(self.schedule, latents, noise, t)
-    context = jnp.broadcast_to(frozen["text"]["prompt"], (b,) + frozen["text"]["prompt"].shape[1:])
     ref = self._reference(frozen, batch)
-    pred = model(x_t, t, context.astype(jnp.float32), batch["lr_up"], ref)
-    x0 = predict_x0(self.schedule, x_t, pred.astype(jnp.float32), t)
-    image = jnp.clip((vae.decode_latents(x0).astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-    return {"ref": batch["lr_up"] if ref is None else ref, "x0": image}
+    lr_up = batch["lr_up"]
+    f = vae.config.downscale
+    shape = (lr_up.shape[0], lr_up.shape[1] // f, lr_up.shape[2] // f, vae.config.latent_channels)
+    return {"ref": lr_up if ref is None else ref, "sample": self._sample(model, vae, frozen, lr_up, ref, shape)}
+
+  def _sample(self, model, vae, frozen, lr_up, ref, shape):
+    """config.sample's sampler with CFG, as inference runs it (without tiles): CasSR starts from the LR
+    latents noised to the first step and colour-corrects towards lr_up (CasSRPipeline); SCEdit starts from
+    pure noise (SCEditActivation). Image i's noise comes from fold_in(key(seed), i)."""
+    s, plan = self.config.sample, self.val_plan
+    b = lr_up.shape[0]
+    root = jax.random.key(int(self.config.seed), impl=KEY_IMPL)
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(root, i)))(jnp.arange(b))
+    eps = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys[:, 0])
+    if self.model_kind == "cassr":
+      x = plan.start_alpha * vae.encode_latents(lr_up * 2.0 - 1.0).astype(jnp.float32) + plan.start_sigma * eps
+    else:
+      x = eps
+    step_noise = None
+    if plan.noisy:  # per-image step noise, (steps, B, ...)
+      step_noise = jax.vmap(lambda k: jax.random.normal(k, (len(plan),) + shape[1:], jnp.float32))(
+          keys[:, 1]).swapaxes(0, 1)
+    text = frozen["text"]
+    positive = jnp.broadcast_to(text["prompt"], (b,) + text["prompt"].shape[1:]).astype(jnp.float32)
+    negative = text["negative"].astype(jnp.float32)
+    extra = (lr_up,) if ref is None else (lr_up, ref)
+    apply = lambda x, t, c, lr, *rf: self._apply(model, x, t, c, lr, rf[0] if rf else None)
+    denoise = cfg_denoiser(apply, (negative, positive), float(s.guidance_scale), extra=extra)
+    latents = run_plan(s.sampler, plan, denoise, x, noise=step_noise)
+    images = (vae.decode_latents(latents).astype(jnp.float32) + 1.0) * 0.5
+    if self.model_kind == "cassr":
+      images = color_fix(images, lr_up, str(s.color_fix))
+    return jnp.clip(images, 0.0, 1.0)
