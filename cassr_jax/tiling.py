@@ -12,7 +12,7 @@ and `weights="gaussian"` blends with a Gaussian bump per tile instead (MultiDiff
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import jax
@@ -68,18 +68,30 @@ def _axis_weights(size: int, tile: int, starts: list[int], overlap: int, scale: 
   return [_edge_ramp(length, s > 0, s + tile < size, float(overlap * scale)) for s in starts]
 
 
-def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int | tuple[int, int],
+def _crop(a: jax.Array, y, x0, h: int, w: int) -> jax.Array:
+  """a[:, y:y+h, x0:x0+w] for static or traced starts."""
+  if isinstance(y, int) and isinstance(x0, int):
+    return a[:, y:y + h, x0:x0 + w]
+  zero = jnp.zeros((), jnp.int32)
+  return jax.lax.dynamic_slice(a, (zero, y, x0, zero), (a.shape[0], h, w, a.shape[3]))
+
+
+def tiled_apply(fn: Callable[..., jax.Array], x: jax.Array, *, tile: int | tuple[int, int],
                 overlap: int = 16, tile_batch: int | None = None, align: int = 1,
-                weights: str = "ramp") -> jax.Array:
+                weights: str = "ramp", extras: Sequence[jax.Array] = (), extras_scale: int = 1) -> jax.Array:
   """fn applied to x (B, H, W, C) tile by tile; returns what fn(x) would, blended across tile overlaps.
 
   tile: tile height/width in input pixels (clipped to the image; one tile means a plain fn(x)).
   overlap: minimum overlap of neighbouring tiles in input pixels; the outer quarter of it is discarded and the
     middle half cross-faded. Tiles are exact only up to fn's receptive field: larger overlaps agree better.
   tile_batch: how many tiles (each B images) go through fn at once; None runs all tiles in one call.
+    Batched tiles are cut from x inside a loop and their outputs added into the result as they come, so
+    memory holds x, the result and one batch of tiles (not every tile at once).
   align: tile starts are multiples of this (for fn that folds pixel blocks into channels, such as a
     pixel-unshuffle, so every tile sees the same block phase as the whole image).
   weights: "ramp" (above) or "gaussian" (a Gaussian bump on every tile, sigma = tile / 6).
+  extras: further arrays (B, H*extras_scale, W*extras_scale, C') cropped with every tile and passed to fn
+    after the x tile: fn(x_tile, *extra_tiles) (conditions that live at a finer resolution than x).
   The output scale s is found from fn's output shape on one tile: an integer, or 1/k when every tile start
   and the image size are multiples of k (pass align=k).
   """
@@ -88,12 +100,19 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int
   if x.ndim != 4:
     raise ValueError(f"tiled_apply expects (B, H, W, C), got shape {x.shape}")
   b, h, w, c = x.shape
+  es = int(extras_scale)
+  for e in extras:
+    if e.ndim != 4 or e.shape[:3] != (b, h * es, w * es):
+      raise ValueError(f"tiled_apply: extra input of shape {tuple(e.shape)} is not {es}x the input "
+                       f"{(b, h, w)}")
   th, tw = (tile, tile) if isinstance(tile, int) else tile
   th, tw = min(th, h), min(tw, w)
   if th == h and tw == w:
-    return fn(x)
+    return fn(x, *extras)
   ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
-  out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((b, th, tw, c), x.dtype))
+  tile_specs = [jax.ShapeDtypeStruct((b, th, tw, c), x.dtype)]
+  tile_specs += [jax.ShapeDtypeStruct((b, th * es, tw * es, e.shape[3]), e.dtype) for e in extras]
+  out_shape = jax.eval_shape(fn, *tile_specs)
   scale = Fraction(out_shape.shape[1], th)
   if (Fraction(out_shape.shape[2], tw) != scale or out_shape.shape[0] != b
       or (scale.numerator != 1 and scale.denominator != 1)):
@@ -102,35 +121,60 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int
   if any((p * scale).denominator != 1 for p in (h, w, *ys, *xs)):
     raise ValueError(f"tiled_apply: fn shrinks by {scale.denominator}; the image size {(h, w)} and the tile "
                      f"starts must be multiples of it (pass align={scale.denominator})")
-  co = out_shape.shape[3]
+  co, out_dtype = out_shape.shape[3], out_shape.dtype
   oh, ow, oth, otw = (int(v * scale) for v in (h, w, th, tw))
-
-  tiles = jnp.stack([x[:, y:y + th, x0:x0 + tw] for y in ys for x0 in xs])  # (T, B, th, tw, C)
-  n = tiles.shape[0]
-  tiles = tiles.reshape((n * b, th, tw, c))
-  if tile_batch is None or tile_batch * b >= n * b:
-    outs = fn(tiles)
-  else:
-    chunk = tile_batch * b
-    pad = (-(n * b)) % chunk
-    padded = jnp.concatenate([tiles, jnp.zeros((pad,) + tiles.shape[1:], tiles.dtype)]) if pad else tiles
-    outs = jax.lax.map(fn, padded.reshape((-1, chunk) + tiles.shape[1:]))
-    outs = outs.reshape((-1,) + outs.shape[2:])[:n * b]
-  outs = outs.reshape((n, b, oth, otw, co))
-
   wy = _axis_weights(h, th, ys, overlap, scale, weights)
   wx = _axis_weights(w, tw, xs, overlap, scale, weights)
-  total = np.zeros((oh, ow), np.float64)
-  acc = jnp.zeros((b, oh, ow, co), jnp.float32)
-  k = 0
-  for i, y in enumerate(ys):
-    for j, x0 in enumerate(xs):
-      weight = np.outer(wy[i], wx[j])
-      oy, ox = int(y * scale), int(x0 * scale)
-      total[oy:oy + oth, ox:ox + otw] += weight
-      acc = acc.at[:, oy:oy + oth, ox:ox + otw].add(
-          outs[k].astype(jnp.float32) * jnp.asarray(weight, jnp.float32)[None, :, :, None])
-      k += 1
-  if np.min(total) <= 0.0:  # cannot happen with the ramps above; guards future edits
+  # The tile grid is a product of row and column tiles, so the summed weight is too (never 0: ramps keep
+  # full weight at the image border and every interior pixel is some tile's middle).
+  total_y, total_x = np.zeros(oh), np.zeros(ow)
+  for y, wgt in zip(ys, wy):
+    total_y[int(y * scale):int(y * scale) + oth] += wgt
+  for x0, wgt in zip(xs, wx):
+    total_x[int(x0 * scale):int(x0 * scale) + otw] += wgt
+  if min(total_y.min(), total_x.min()) <= 0.0:  # cannot happen with the weights above; guards future edits
     raise AssertionError("tiled_apply: a pixel got no tile weight")
-  return (acc * jnp.asarray(1.0 / total, jnp.float32)[None, :, :, None]).astype(outs.dtype)
+  grid = [(i, j) for i in range(len(ys)) for j in range(len(xs))]  # tile-major order, batch inside
+
+  def cut(y, x0):
+    return [_crop(x, y, x0, th, tw)] + [_crop(e, y * es, x0 * es, th * es, tw * es) for e in extras]
+
+  def add(acc, out, y, x0, weight):
+    oy, ox = y * scale.numerator // scale.denominator, x0 * scale.numerator // scale.denominator
+    contribution = out.astype(jnp.float32) * weight[None, :, :, None]
+    if isinstance(oy, int):
+      return acc.at[:, oy:oy + oth, ox:ox + otw].add(contribution)
+    zero = jnp.zeros((), jnp.int32)
+    region = jax.lax.dynamic_slice(acc, (zero, oy, ox, zero), (b, oth, otw, co))
+    return jax.lax.dynamic_update_slice(acc, region + contribution, (zero, oy, ox, zero))
+
+  acc = jnp.zeros((b, oh, ow, co), jnp.float32)
+  n = len(grid)
+  if tile_batch is None or tile_batch >= n:
+    pieces = [cut(ys[i], xs[j]) for i, j in grid]
+    outs = fn(*[jnp.concatenate(parts, axis=0) for parts in zip(*pieces)]).reshape((n, b, oth, otw, co))
+    for k, (i, j) in enumerate(grid):
+      acc = add(acc, outs[k], ys[i], xs[j], jnp.asarray(np.outer(wy[i], wx[j]), jnp.float32))
+  else:
+    # One loop iteration per batch of tiles; a short last batch repeats its last tile with zero weight.
+    k = tile_batch
+    steps = -(-n // k)
+    order = grid + [grid[-1]] * (steps * k - n)
+    table = {"y": np.asarray([ys[i] for i, _ in order], np.int32).reshape(steps, k),
+             "x": np.asarray([xs[j] for _, j in order], np.int32).reshape(steps, k),
+             "wy": np.stack([wy[i] for i, _ in order]).astype(np.float32).reshape(steps, k, oth),
+             "wx": np.stack([wx[j] for _, j in order]).astype(np.float32).reshape(steps, k, otw)}
+    if steps * k > n:
+      table["wy"][-1, k - (steps * k - n):] = 0.0
+
+    def body(acc, row):
+      pieces = [cut(row["y"][t], row["x"][t]) for t in range(k)]
+      outs = fn(*[jnp.concatenate(parts, axis=0) for parts in zip(*pieces)]).reshape((k, b, oth, otw, co))
+      for t in range(k):
+        acc = add(acc, outs[t], row["y"][t], row["x"][t], row["wy"][t][:, None] * row["wx"][t][None, :])
+      return acc, None
+
+    acc, _ = jax.lax.scan(body, acc, jax.tree.map(jnp.asarray, table))
+  inv_y = jnp.asarray(1.0 / total_y, jnp.float32)
+  inv_x = jnp.asarray(1.0 / total_x, jnp.float32)
+  return (acc * inv_y[None, :, None, None] * inv_x[None, None, :, None]).astype(out_dtype)

@@ -4,10 +4,12 @@
     out = pipe([lr_uint8_image, ...], scale=4.0, steps=20, seed=0)       # list of uint8 (H, W, 3)
 
 Per batch of equal-sized LR images:
-  1. lr_up = the LR bicubic-resized to the output size round(scale * h), round(scale * w) (any float scale);
-     reference = the stage-1 activation's output resized to that size (or lr_up when the model's
-     reference_source is "lr").
+  1. lr_up = the LR bicubic-resized to the output size round(scale * h), round(scale * w) (any float scale),
+     inside the compiled program; reference = the stage-1 activation's output resized to that size (or
+     lr_up when the model's reference_source is "lr").
   2. Both are reflect-padded to the multiple the VAE and U-Net need (VAE factor x 2**(U-Net levels - 1)).
+     Full-size images exist once each (LR upsampled, reference, output): tiles are cut from them inside
+     the tile loops, and CFG doubles a tile batch, not the image, so memory beyond them follows the tile.
   3. The sampler starts from the VAE latent of lr_up noised to the first step (the paper's LR start; off:
      pure noise), CFG between the negative and the general prompt as one doubled batch, optional latent
      tiles; tiled VAE decode; colour correction towards lr_up; crop back to the output size.
@@ -202,39 +204,49 @@ class CasSRPipeline:
   def _run_batch(self, lr: np.ndarray, ids: list[int], seed: int, opts: Settings) -> np.ndarray:
     b, h, w, _ = lr.shape
     out_h, out_w = self.output_size(h, w, opts.scale)
-    lr_up = np.asarray(jnp.clip(resize_bicubic(jnp.asarray(lr), (out_h, out_w)), 0.0, 1.0))
-    use_ref = self.unet.config.reference_source == "activation" and self.unet.config.multiple_attention
-    ref = self.references(lr, (out_h, out_w)) if use_ref else lr_up
     m = self.pixel_multiple
     ph, pw = _round_up(out_h, m), _round_up(out_w, m)
-    pad = lambda a: np.pad(a, ((0, 0), (0, ph - out_h), (0, pw - out_w), (0, 0)), mode="reflect" if min(
-        out_h, out_w) > 1 else "edge")
-    lr_up, ref = pad(lr_up), pad(ref)
+    # The LR is upsampled inside the compiled program, so no full-size copy of it exists outside; only a
+    # stage-1 reference (made by an arbitrary activation) comes in at the output size.
+    ref = None
+    if self._uses_reference():
+      ref = np.pad(self.references(lr, (out_h, out_w)), ((0, 0), (0, ph - out_h), (0, pw - out_w), (0, 0)),
+                   mode=_pad_mode(out_h, out_w))
     root = jax.random.key(seed, impl=PRNG_IMPL)
     keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(root, i))) for i in ids])
     total = _round_up(b, len(self.devices))
     if total > b:  # pad the batch to the device count with copies of the last image (outputs dropped)
-      extra = lambda a: np.concatenate([a, np.repeat(a[-1:], total - b, axis=0)])
-      lr_up, ref, keys = extra(lr_up), extra(ref), extra(keys)
+      extra = lambda a: None if a is None else np.concatenate([a, np.repeat(a[-1:], total - b, axis=0)])
+      lr, ref, keys = extra(lr), extra(ref), extra(keys)
     replicated = NamedSharding(self.mesh, PartitionSpec())
     positive = jax.device_put(self.prompts(opts.prompt), replicated)
     negative = jax.device_put(self.prompts(opts.negative_prompt), replicated)
-    fn = self._compiled_fn(opts, (total, ph, pw))
-    put = lambda a: jax.device_put(a, self._batch)
-    out = fn(self._states, put(lr_up), put(ref), put(keys), positive, negative)
+    fn = self._compiled_fn(opts, (total, h, w))
+    put = lambda a: None if a is None else jax.device_put(a, self._batch)
+    lr, ref = put(lr), put(ref)  # drops the host copy of the reference before the program runs
+    out = fn(self._states, lr, ref, put(keys), positive, negative)
+    del lr, ref
     return np.asarray(out)[:b, :out_h, :out_w]
 
+  def _uses_reference(self) -> bool:
+    return self.unet.config.reference_source == "activation" and self.unet.config.multiple_attention
+
   def compiled_memory(self, batch: int, out_h: int, out_w: int, **settings) -> dict[str, int]:
-    """XLA's memory analysis (bytes) of the stage-2 program for `batch` outputs of out_h x out_w (compiles,
-    does not run): arguments (weights + inputs), outputs, temporaries and their sum, per device."""
+    """XLA's memory analysis (bytes) of the stage-2 program for `batch` outputs of about out_h x out_w (the LR
+    size is out / scale, rounded; compiles, does not run): arguments (weights + inputs), outputs,
+    temporaries and their sum, per device."""
     opts = self.settings.replace(**settings)
+    h, w = (max(int(round(s / opts.scale)), 1) for s in (out_h, out_w))
+    out_h, out_w = self.output_size(h, w, opts.scale)
     m = self.pixel_multiple
     total, ph, pw = _round_up(batch, len(self.devices)), _round_up(out_h, m), _round_up(out_w, m)
-    image = jax.ShapeDtypeStruct((total, ph, pw, 3), jnp.float32, sharding=self._batch)
+    lr = jax.ShapeDtypeStruct((total, h, w, 3), jnp.float32, sharding=self._batch)
+    ref = (jax.ShapeDtypeStruct((total, ph, pw, 3), jnp.float32, sharding=self._batch)
+           if self._uses_reference() else None)
     key_shape = jax.random.key_data(jax.random.key(0, impl=PRNG_IMPL)).shape
     keys = jax.ShapeDtypeStruct((total,) + key_shape, jnp.uint32, sharding=self._batch)
     ctx = self.prompts(opts.prompt)
-    stats = self._compiled_fn(opts, (total, ph, pw)).lower(self._states, image, image, keys, ctx, ctx).compile()
+    stats = self._compiled_fn(opts, (total, h, w)).lower(self._states, lr, ref, keys, ctx, ctx).compile()
     stats = stats.memory_analysis()
     out = {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
            "temporaries": int(stats.temp_size_in_bytes)}
@@ -244,10 +256,12 @@ class CasSRPipeline:
   def _compiled_fn(self, opts: Settings, shape: tuple[int, int, int]):
     cache_key = (opts, shape)
     if cache_key not in self._compiled:
-      self._compiled[cache_key] = jax.jit(self._make_sr_fn(opts), out_shardings=self._batch)
+      b, h, w = shape
+      self._compiled[cache_key] = jax.jit(self._make_sr_fn(opts, self.output_size(h, w, opts.scale)),
+                                          out_shardings=self._batch)
     return self._compiled[cache_key]
 
-  def _make_sr_fn(self, opts: Settings):
+  def _make_sr_fn(self, opts: Settings, out_size: tuple[int, int]):
     unet_def, vae_def, schedule = self._unet_def, self._vae_def, self.schedule
     plan = make_plan(opts.sampler, schedule, opts.steps, strength=opts.strength if opts.start_from_lr else 1.0,
                      karras=opts.karras)
@@ -255,9 +269,17 @@ class CasSRPipeline:
     vae_tile = self._check_tile(opts.vae_tile, "vae_tile")
     factor = self.vae.config.downscale
 
-    def sr(states, lr_up, ref, keys, positive, negative):
+    out_h, out_w = out_size
+    m = self.pixel_multiple
+    ph, pw = _round_up(out_h, m), _round_up(out_w, m)
+
+    def sr(states, lr, ref, keys, positive, negative):
       unet, vae = nnx.merge(unet_def, states[0]), nnx.merge(vae_def, states[1])
-      b, ph, pw, _ = lr_up.shape
+      b = lr.shape[0]
+      lr_up = jnp.clip(resize_bicubic(lr, (out_h, out_w)), 0.0, 1.0)
+      lr_up = jnp.pad(lr_up, ((0, 0), (0, ph - out_h), (0, pw - out_w), (0, 0)), mode=_pad_mode(out_h, out_w))
+      if ref is None:
+        ref = lr_up
       shape = (b, ph // factor, pw // factor, vae.config.latent_channels)
       keys = jax.vmap(lambda k: jax.random.wrap_key_data(k, impl=PRNG_IMPL))(keys)
       start_keys, step_keys = jnp.split(jax.vmap(lambda k: jax.random.split(k, 2))(keys), 2, axis=1)
@@ -272,10 +294,14 @@ class CasSRPipeline:
       if plan.noisy:  # per-image step noise, (steps, B, ...)
         step_noise = jax.vmap(lambda k: jax.random.normal(k[0], (len(plan),) + shape[1:], jnp.float32))(
             step_keys).swapaxes(0, 1)
-      apply = tiled_denoiser(lambda x, t, c, lr, rf: unet(x, t, c, lr, rf), tile=latent_tile,
-                             overlap=opts.latent_overlap, tile_batch=opts.tile_batch, image_scale=factor)
-      denoise = cfg_denoiser(apply, (negative, jnp.broadcast_to(positive, (b,) + positive.shape[1:])),
-                             opts.guidance_scale, extra=(lr_up, ref))
+      def guided(x, t, contexts, lr, rf):  # CFG on a tile: only a tile batch, never the image, is doubled
+        return cfg_denoiser(lambda x, t, c, lr, rf: unet(x, t, c, lr, rf), contexts, opts.guidance_scale,
+                            extra=(lr, rf))(x, t)
+
+      apply = tiled_denoiser(guided, tile=latent_tile, overlap=opts.latent_overlap, tile_batch=opts.tile_batch,
+                             image_scale=factor)
+      contexts = tuple(jnp.broadcast_to(c, (b,) + c.shape[1:]) for c in (negative, positive))
+      denoise = lambda x, t: apply(x, t, contexts, lr_up, ref)
       latents = run_plan(opts.sampler, plan, denoise, x, noise=step_noise)
       images = tiled_vae_decode(vae, latents, tile=vae_tile, overlap=opts.vae_overlap)
       images = (images.astype(jnp.float32) + 1.0) * 0.5
@@ -289,6 +315,11 @@ class CasSRPipeline:
     if tile < self.latent_multiple or tile % self.latent_multiple:
       raise ValueError(f"{what}={tile} must be a positive multiple of {self.latent_multiple} latent pixels")
     return int(tile)
+
+
+def _pad_mode(out_h: int, out_w: int) -> str:
+  """Padding of images to the size the VAE and U-Net need: mirrored, or repeated when 1 pixel wide."""
+  return "reflect" if min(out_h, out_w) > 1 else "edge"
 
 
 def _resolve_paths(config: Mapping[str, Any], directory: str) -> dict[str, Any]:
