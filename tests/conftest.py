@@ -24,6 +24,17 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_prng_impl", "rbg")
 
 
+# The slowest files (trainer runs in subprocesses, the demo) start first: under `pytest -n 2` the rest then
+# fills both workers instead of leaving one idle while the last heavy test runs.
+SLOW_FILES_FIRST = ("test_train_loop.py", "test_train_accum_ema.py", "test_demo.py", "test_train_step.py",
+                    "test_train_scedit.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
+
+
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """`cassr-demo` / scripts/demo.py: CasSR end to end on photos that ship inside wheels, offline, on a CPU.
 
-  pip install -e ".[demo]" && python scripts/demo.py            # writes outputs/demo/, 4-8 minutes on 2 cores
+  pip install -e ".[demo]" && python scripts/demo.py            # writes outputs/demo/, about 5 minutes on 2 cores
 
 Stages (each resumable: a rerun skips what is finished and continues an interrupted training run):
   1. photos   scikit-image's photos: TRAIN_PHOTOS resized so the longer side is 256 px; HELDOUT_PHOTOS
