@@ -137,6 +137,30 @@ def base_config() -> ml_collections.ConfigDict:
 _FREE_SECTIONS = ("activation", "model")  # model: CasSRConfig names unknown keys itself
 
 
+def tiny_config() -> ml_collections.ConfigDict:
+  """The tiny random-weight CasSR (init.random = "tiny") on 64 px crops with bicubic stage 1, fp32: the config
+  of configs/tiny.py (CPU tests) and the base of the demo's (cassr-demo)."""
+  c = base_config()
+  c.init.pretrained = ""
+  c.init.random = "tiny"
+  c.runtime.attention = "xla"
+  c.runtime.dtype = "float32"
+  c.runtime.remat = "none"
+  c.activation.name = "bicubic"
+  c.data.crop_size = 64
+  c.data.num_workers = 0
+  c.data.check_images = "none"
+  c.train.batch_size = 8
+  c.train.steps = 4
+  c.train.learning_rate = 1e-3
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.val_every = 0
+  c.train.val_images = 2
+  c.sample.steps = 2
+  return c
+
+
 def _unknown_keys(config, reference, prefix: str) -> list[str]:
   problems = []
   for key in config.keys():

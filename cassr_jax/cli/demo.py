@@ -46,23 +46,13 @@ RESULT_FILE = "last_run.json"  # what the last cassr-demo call did: stages run (
 
 def demo_config(steps: int = 200):
   """The run config of the demo: configs/tiny.py's model with the stored RRDBNet references."""
-  from cassr_jax.config import base_config  # pylint: disable=import-outside-toplevel
+  from cassr_jax.config import tiny_config  # pylint: disable=import-outside-toplevel
 
-  c = base_config()
-  c.init.pretrained = ""
-  c.init.random = "tiny"
-  c.runtime.attention = "xla"
-  c.runtime.dtype = "float32"
-  c.runtime.remat = "none"
+  c = tiny_config()
   # References computed once (make_paired_set): RRDBNet costs ~1.4 CPU-s per 64 px crop (16 px LR plus its
   # 10 px reflect border) on 2 cores, 20x the tiny model's train step per image (0.5 CPU-s for 8).
   c.activation.name = "paired"
-  c.data.crop_size = 64
-  c.data.num_workers = 0
-  c.data.check_images = "none"
-  c.train.batch_size = 8
   c.train.steps = steps
-  c.train.learning_rate = 1e-3
   c.train.log_every = 10
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 2
