@@ -10,22 +10,19 @@ build_activation('scedit', weights='weights/scedit/scedit', pretrained='weights/
 reads its references from a paired set (scripts/make_paired_data.py --activation scedit ...).
 Tiny CPU demo: --config.init.pretrained= --config.init.random=tiny --config.runtime.dtype=float32 ...
 """
-import ml_collections
+import os
+import runpy
 
-from cassr_jax.config import PAPER_SOURCES, base_config
+import ml_collections
 
 
 def get_config():
-  c = base_config()
+  # The hardware, batch, precision and data of the paper's run (configs/a100x8.py, loaded by path so this file
+  # works from any directory as the others do).
+  c = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "a100x8.py"))["get_config"]()
   # The model section is SCEditConfig's switches (U-Net shapes come from init).
   c.model = ml_collections.ConfigDict({"kind": "scedit", "mode": "csc", "scale": 1.0})
   c.activation = ml_collections.ConfigDict({"name": "none"})  # SCEdit is the stage-1 model itself
-  c.runtime.attention = "auto"
-  c.runtime.dtype = "bfloat16"
-  c.train.batch_size = 32
-  c.mesh.fsdp = 1
-  c.data.sources = PAPER_SOURCES
-  c.data.num_workers = 12
   # SCEditActivation's defaults (pure-noise start, no colour fix) with the stage-2 sampler and guidance.
   c.sample.steps = 20
   return c
