@@ -48,7 +48,7 @@ TINY = dict(unet=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, a
             hint=(16, 16, 32, 32), vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1,
                                              norm_num_groups=16, latent_channels=4),
             text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))
-# SD-1.5's U-Net differs from diffusers' UNet2DConditionModel defaults in cross_attention_dim and head count.
+# SD-1.5's U-Net: diffusers' UNet2DConditionModel defaults except cross_attention_dim (768 = CLIP-L, not 1280).
 SD = dict(unet=dict(cross_attention_dim=768, attention_head_dim=8), hint=(16, 32, 96, 256),
           vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4),
           text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
