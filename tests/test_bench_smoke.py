@@ -24,3 +24,26 @@ def test_gpu_bench_script_smoke():
   assert "| unet_forward_cli | ok" in table
   assert "| infer tiny 8->32, 1 steps" in table and "| metric lpips 64x64" in table, table
   assert "FAILED" not in table, table
+
+
+def test_infer_bench_sd_size_is_sd15():
+  """`scripts/bench/infer.py --sd15` builds SD-1.5's U-Net, VAE and CLIP (diffusers' defaults are not SD-1.5's)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  import torch  # pylint: disable=import-outside-toplevel
+  from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=import-outside-toplevel
+
+  from cassr_jax.models.unet import UNetConfig  # pylint: disable=import-outside-toplevel
+  from cassr_jax.models.vae import VAEConfig  # pylint: disable=import-outside-toplevel
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("bench_infer", os.path.join(root, "scripts", "bench", "infer.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  with torch.device("meta"):  # configs only, no weights
+    unet = UNet2DConditionModel(**bench.SD["unet"])
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        **bench.SD["vae"])
+  assert UNetConfig.from_diffusers(dict(unet.config)) == UNetConfig.sd15()
+  assert VAEConfig.from_diffusers(dict(vae.config)) == VAEConfig.sd15()
+  assert bench.SD["text"] == dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
