@@ -105,7 +105,8 @@ def _crop(a, y, x0, h: int, w: int) -> jax.Array:
 
 def tiled_apply(fn: Callable[..., jax.Array], x: jax.Array | TileSource, *, tile: int | tuple[int, int],
                 overlap: int = 16, tile_batch: int | None = None, align: int = 1,
-                weights: str = "ramp", extras: Sequence[jax.Array | TileSource] = (), extras_scale: int = 1) -> jax.Array:
+                weights: str = "ramp", extras: Sequence[jax.Array | TileSource] = (),
+                extras_scale: int = 1) -> jax.Array:
   """fn applied to x (B, H, W, C) tile by tile; returns what fn(x) would, blended across tile overlaps.
 
   tile: tile height/width in input pixels (clipped to the image; one tile means a plain fn(x)).

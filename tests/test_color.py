@@ -1,4 +1,5 @@
 """Colour correction: the defining property of each method."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,3 +51,20 @@ def test_none_and_bad_arguments(rng):
     color.color_fix(x, x, "hist")
   with pytest.raises(ValueError, match="must be equal"):
     color.color_fix(x, x[:, :4], "adain")
+
+
+@pytest.mark.parametrize("method", ["wavelet", "adain", "none"])
+def test_tile_by_tile_equals_whole_image(rng, method):
+  """color_fix_tiles (windows reaching the blurs' reach past each tile; AdaIN statistics summed by tiles,
+  the last tile of each axis overlapping its neighbour) gives the whole-image result, from an array or a
+  crop function."""
+  image = jnp.asarray(rng.random((2, 150, 100, 3)), jnp.float32)
+  ref = jnp.asarray(rng.random((2, 150, 100, 3)), jnp.float32)
+  want = np.asarray(color.color_fix(image, ref, method))
+  crop = lambda y, x, h, w: jax.lax.dynamic_slice(ref, (0, y, x, 0), (2, h, w, 3))
+  for reference in (ref, crop):
+    got = jax.jit(lambda i: color.color_fix_tiles(i, reference, method, tile=24))(image)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+  clipped = color.color_fix_tiles(image * 2.0, ref, method, tile=24, finish=lambda v: jnp.clip(v, 0.0, 1.0))
+  np.testing.assert_allclose(np.asarray(clipped), np.clip(np.asarray(color.color_fix(image * 2.0, ref, method)), 0, 1),
+                             atol=1e-6)

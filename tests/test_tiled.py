@@ -137,3 +137,19 @@ def test_tiled_sr_memory_follows_the_tile(rng):
   ref = jnp.asarray(rng.random((1, 160, 144, 3)), jnp.float32)
   lazy, whole = (jax.jit(lambda lr, ref, lazy=lazy: _sr_like(lr, ref, lazy=lazy))(lr, ref) for lazy in (True, False))
   np.testing.assert_allclose(np.asarray(lazy), np.asarray(whole), atol=2e-6)
+
+
+def test_upsampled_lr_crops_are_slices_of_the_whole(rng):
+  """UpsampledLR's crops (static or traced starts, into the padding too) equal slices of the padded, clipped
+  bicubic resize; affine(2, -1) maps them to [-1, 1]."""
+  from cassr_jax.image_ops import resize_bicubic  # pylint: disable=import-outside-toplevel
+  from cassr_jax.pipelines.tiled import UpsampledLR  # pylint: disable=import-outside-toplevel
+  lr = jnp.asarray(rng.random((2, 13, 11, 3)), jnp.float32)
+  for size, padded, mode in (((20, 16), (32, 32), "reflect"), ((13, 11), (16, 16), "reflect"),
+                             ((1, 5), (16, 16), "edge")):
+    whole = jnp.pad(jnp.clip(resize_bicubic(lr, size), 0.0, 1.0),
+                    ((0, 0), (0, padded[0] - size[0]), (0, padded[1] - size[1]), (0, 0)), mode=mode)
+    up = UpsampledLR(lr, size, padded, mode)
+    np.testing.assert_array_equal(np.asarray(up.materialize()), np.asarray(whole))
+    crop = jax.jit(lambda lr, y, x: UpsampledLR(lr, size, padded, mode).affine(2.0, -1.0).crop(y, x, 9, 8))
+    np.testing.assert_allclose(np.asarray(crop(lr, 7, 5)), np.asarray(whole[:, 7:16, 5:13] * 2.0 - 1.0), atol=1e-6)
