@@ -8,7 +8,7 @@ Per batch of equal-sized LR images:
      inside the compiled program; reference = the stage-1 activation's output resized to that size (or
      lr_up when the model's reference_source is "lr").
   2. Both are reflect-padded to the multiple the VAE and U-Net need (VAE factor x 2**(U-Net levels - 1)).
-     lr_up is never made whole: it is a lazy image (pipelines.tiled.UpsampledLR) whose tiles and rows are
+     lr_up is never made whole: it is a lazy image (pipelines.tiled.UpsampledLR) whose tiles are
      computed from the LR where they are used. Full-size float images exist once each (the reference, the
      decoded image, the output): tiles are cut from them inside the tile loops, CFG doubles a tile batch,
      not the image, and the colour fix runs tile by tile, so memory beyond them follows the tile.
