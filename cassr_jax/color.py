@@ -8,12 +8,19 @@ Diffusion SR drifts in colour; the usual fix keeps the output's detail and takes
              (SeeSR's default).
   "none":    the output unchanged.
 All are jittable and work on float (B, H, W, C) images; output and reference must have the same shape.
+color_fix_tiles computes the same tile by tile (wavelet: each tile on a window with the blurs' reach of
+extra pixels; AdaIN: the reference's statistics summed tile by tile), from a reference that may be given as a
+crop function, so a lazy full-size reference never exists whole and temporaries follow the tile.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cassr_jax.tiling import tile_starts
 
 COLOR_FIXES = ("wavelet", "adain", "none")
 WAVELET_LEVELS = 5
@@ -68,3 +75,100 @@ def color_fix(image: jax.Array, reference: jax.Array, method: str = "wavelet") -
   x, ref = image.astype(jnp.float32), reference.astype(jnp.float32)
   out = wavelet_color_fix(x, ref) if method == "wavelet" else adain_color_fix(x, ref)
   return out.astype(image.dtype)
+
+
+FIX_TILE = 128  # tile side of color_fix_tiles (its temporaries: ~30 float32 windows of (tile + 62)^2 x C)
+
+
+def _crop_fn(reference):
+  """reference_crop(y, x, h, w) for an array (or a crop function as is)."""
+  if callable(reference):
+    return reference
+  return lambda y, x, h, w: jax.lax.dynamic_slice(reference, (0, y, x, 0), (reference.shape[0], h, w,
+                                                                             reference.shape[3]))
+
+
+def _tile_table(h: int, w: int, tile: tuple[int, int], reach: int = 0) -> dict[str, jax.Array]:
+  """Tiles covering (h, w): starts, the starts of windows reaching `reach` pixels past them (clamped into
+  the image), and how many leading rows/columns an earlier tile already covered (the last tile of an axis
+  ends at the image end, so it may overlap its neighbour)."""
+  cols = {}
+  for name, size, t in (("y", h, tile[0]), ("x", w, tile[1])):
+    starts = np.asarray(tile_starts(size, t, 0), np.int64)
+    window = min(size, t + 2 * reach)
+    cols[name] = (starts, np.clip(starts - reach, 0, size - window),
+                  np.concatenate([[0], starts[:-1] + t]) - starts)
+  grid = [(i, j) for i in range(len(cols["y"][0])) for j in range(len(cols["x"][0]))]
+  table = {}
+  for key, k in (("", 0), ("window_", 1), ("skip_", 2)):
+    table[key + "y"] = jnp.asarray([cols["y"][k][i] for i, _ in grid], jnp.int32)
+    table[key + "x"] = jnp.asarray([cols["x"][k][j] for _, j in grid], jnp.int32)
+  return table
+
+
+def _stats_by_tiles(reference_crop: Callable, shape, tile: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+  """Per-image, per-channel mean and standard deviation of the (B, H, W, C) image reference_crop describes,
+  in two passes over tiles as jnp.mean / jnp.std do (the mean first, then the mean squared deviation)."""
+  b, h, w, c = shape
+  table = _tile_table(h, w, tile)
+
+  def total(fn):
+    def body(acc, row):
+      part = reference_crop(row["y"], row["x"], tile[0], tile[1]).astype(jnp.float32)
+      keep = ((jnp.arange(tile[0]) >= row["skip_y"])[:, None] & (jnp.arange(tile[1]) >= row["skip_x"])[None, :])
+      return acc + jnp.sum(jnp.where(keep[None, :, :, None], fn(part), 0.0), axis=(1, 2), keepdims=True), None
+    return jax.lax.scan(body, jnp.zeros((b, 1, 1, c), jnp.float32), table)[0]
+
+  mean = total(lambda part: part) / (h * w)
+  return mean, jnp.sqrt(total(lambda part: jnp.square(part - mean)) / (h * w))
+
+
+def color_fix_tiles(image: jax.Array, reference: jax.Array | Callable[..., jax.Array], method: str = "wavelet", *,
+                    tile: int = FIX_TILE, finish: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """color_fix(image, reference, method), computed tile by tile (equal up to float summation order).
+
+  reference: an array like image, or reference_crop(y, x, h, w) -> its pixels [y, y+h) x [x, x+w) as
+  (B, h, w, C) (starts may be traced), e.g. a lazy image's crop: it is only ever read a tile at a time.
+  finish: applied to the float32 result before it is stored (e.g. a clip, or a conversion to uint8; default:
+  back to image's dtype). Wavelet: every tile is computed on a window reaching the blurs' reach past it (or to
+  the image border, where the blurs replicate the border as on the whole image), so it equals the whole
+  image's. AdaIN: the reference's statistics are summed tile by tile.
+  """
+  if method not in COLOR_FIXES:
+    raise ValueError(f"color fix must be one of {COLOR_FIXES}, got {method!r}")
+  if image.ndim != 4:
+    raise ValueError(f"color fix: image must be (B, H, W, C), got shape {tuple(image.shape)}")
+  finish = finish or (lambda x: x.astype(image.dtype))
+  reference_crop = _crop_fn(reference)
+  b, h, w, c = image.shape
+  th, tw = min(tile, h), min(tile, w)
+  ref_shape = jax.eval_shape(lambda: reference_crop(0, 0, th, tw)).shape
+  if ref_shape != (b, th, tw, c):
+    raise ValueError(f"color fix: reference tiles {tuple(ref_shape)} do not match the image {tuple(image.shape)}")
+  if method == "none":
+    return finish(image)
+  if method == "adain":
+    x = image.astype(jnp.float32)
+    if (th, tw) == (h, w):
+      ref = reference_crop(0, 0, h, w).astype(jnp.float32)
+      ref_mean, ref_std = jnp.mean(ref, (1, 2), keepdims=True), jnp.std(ref, (1, 2), keepdims=True)
+    else:
+      ref_mean, ref_std = _stats_by_tiles(reference_crop, image.shape, (th, tw))
+    mean, std = jnp.mean(x, (1, 2), keepdims=True), jnp.std(x, (1, 2), keepdims=True)
+    return finish((x - mean) / (std + 1e-5) * ref_std + ref_mean)
+  reach = 2 ** WAVELET_LEVELS - 1  # the blurs' total dilation: pixels further away do not matter
+  wh, ww = min(h, th + 2 * reach), min(w, tw + 2 * reach)
+  if (wh, ww) == (h, w):
+    return finish(wavelet_color_fix(image.astype(jnp.float32), reference_crop(0, 0, h, w).astype(jnp.float32)))
+  table = _tile_table(h, w, (th, tw), reach)
+  out_dtype = jax.eval_shape(finish, jax.ShapeDtypeStruct((b, th, tw, c), jnp.float32)).dtype
+  zero = jnp.zeros((), jnp.int32)
+
+  def body(out, row):
+    y0, x0 = row["window_y"], row["window_x"]
+    img = jax.lax.dynamic_slice(image, (zero, y0, x0, zero), (b, wh, ww, c)).astype(jnp.float32)
+    fixed = wavelet_color_fix(img, reference_crop(y0, x0, wh, ww).astype(jnp.float32))
+    fixed = jax.lax.dynamic_slice(fixed, (zero, row["y"] - y0, row["x"] - x0, zero), (b, th, tw, c))
+    return jax.lax.dynamic_update_slice(out, finish(fixed).astype(out_dtype), (zero, row["y"], row["x"], zero)), None
+
+  return jax.lax.scan(body, jnp.zeros((b, h, w, c), out_dtype), table)[0]

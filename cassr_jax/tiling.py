@@ -8,6 +8,8 @@ Python from the static shapes, so fn compiles once for one tile shape and the wh
 jax.jit; tiles run `tile_batch` at a time through lax.map so peak memory is bounded by that batch.
 fn may also shrink its input by an integer factor (a VAE encoder: tile starts then aligned to that factor),
 and `weights="gaussian"` blends with a Gaussian bump per tile instead (MultiDiffusion-style latent tiling).
+The input and the extra conditions may be lazy images (TileSource: a shape, a dtype and a crop method) that
+compute each tile's pixels when it is cut, so no full-size copy of them ever exists (e.g. an upsampled LR).
 """
 from __future__ import annotations
 
@@ -68,17 +70,43 @@ def _axis_weights(size: int, tile: int, starts: list[int], overlap: int, scale: 
   return [_edge_ramp(length, s > 0, s + tile < size, float(overlap * scale)) for s in starts]
 
 
-def _crop(a: jax.Array, y, x0, h: int, w: int) -> jax.Array:
-  """a[:, y:y+h, x0:x0+w] for static or traced starts."""
+class TileSource:
+  """A lazy (B, H, W, C) image: crop(y, x, h, w) computes a[:, y:y+h, x:x+w] (starts static ints or traced
+  int32 scalars) without the whole image existing. Subclasses set `shape` and `dtype` and define crop."""
+  shape: tuple[int, int, int, int]
+  dtype: jnp.dtype
+
+  @property
+  def ndim(self) -> int:
+    return 4
+
+  def crop(self, y, x, h: int, w: int) -> jax.Array:
+    raise NotImplementedError
+
+  def materialize(self) -> jax.Array:
+    """The whole image (what a plain, untiled call needs)."""
+    return self.crop(0, 0, self.shape[1], self.shape[2])
+
+
+def materialize(a) -> jax.Array:
+  """An array as is, a TileSource as its whole image."""
+  return a.materialize() if isinstance(a, TileSource) else a
+
+
+def _crop(a, y, x0, h: int, w: int) -> jax.Array:
+  """a[:, y:y+h, x0:x0+w] for static or traced starts (a: an array or a TileSource)."""
+  if isinstance(a, TileSource):
+    return a.crop(y, x0, h, w)
   if isinstance(y, int) and isinstance(x0, int):
     return a[:, y:y + h, x0:x0 + w]
   zero = jnp.zeros((), jnp.int32)
   return jax.lax.dynamic_slice(a, (zero, y, x0, zero), (a.shape[0], h, w, a.shape[3]))
 
 
-def tiled_apply(fn: Callable[..., jax.Array], x: jax.Array, *, tile: int | tuple[int, int],
+def tiled_apply(fn: Callable[..., jax.Array], x: jax.Array | TileSource, *, tile: int | tuple[int, int],
                 overlap: int = 16, tile_batch: int | None = None, align: int = 1,
-                weights: str = "ramp", extras: Sequence[jax.Array] = (), extras_scale: int = 1) -> jax.Array:
+                weights: str = "ramp", extras: Sequence[jax.Array | TileSource] = (),
+                extras_scale: int = 1) -> jax.Array:
   """fn applied to x (B, H, W, C) tile by tile; returns what fn(x) would, blended across tile overlaps.
 
   tile: tile height/width in input pixels (clipped to the image; one tile means a plain fn(x)).
@@ -92,6 +120,7 @@ def tiled_apply(fn: Callable[..., jax.Array], x: jax.Array, *, tile: int | tuple
   weights: "ramp" (above) or "gaussian" (a Gaussian bump on every tile, sigma = tile / 6).
   extras: further arrays (B, H*extras_scale, W*extras_scale, C') cropped with every tile and passed to fn
     after the x tile: fn(x_tile, *extra_tiles) (conditions that live at a finer resolution than x).
+  x and extras may be TileSources (lazy images cropped tile by tile).
   The output scale s is found from fn's output shape on one tile: an integer, or 1/k when every tile start
   and the image size are multiples of k (pass align=k).
   """
@@ -108,7 +137,7 @@ def tiled_apply(fn: Callable[..., jax.Array], x: jax.Array, *, tile: int | tuple
   th, tw = (tile, tile) if isinstance(tile, int) else tile
   th, tw = min(th, h), min(tw, w)
   if th == h and tw == w:
-    return fn(x, *extras)
+    return fn(materialize(x), *(materialize(e) for e in extras))
   ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
   tile_specs = [jax.ShapeDtypeStruct((b, th, tw, c), x.dtype)]
   tile_specs += [jax.ShapeDtypeStruct((b, th * es, tw * es, e.shape[3]), e.dtype) for e in extras]

@@ -1,4 +1,5 @@
 """Colour correction: the defining property of each method."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,3 +51,18 @@ def test_none_and_bad_arguments(rng):
     color.color_fix(x, x, "hist")
   with pytest.raises(ValueError, match="must be equal"):
     color.color_fix(x, x[:, :4], "adain")
+
+
+@pytest.mark.parametrize("method", ["wavelet", "adain", "none"])
+def test_tile_by_tile_equals_whole_image(rng, method):
+  """color_fix_tiles (windows reaching the blurs' reach past each tile; AdaIN statistics summed by tiles,
+  the last tile of each axis overlapping its neighbour) gives the whole-image result, from an array or a
+  crop function; `finish` is applied to the result."""
+  image = jnp.asarray(2.0 * rng.random((2, 96, 84, 3)), jnp.float32)
+  ref = jnp.asarray(rng.random((2, 96, 84, 3)), jnp.float32)
+  want = np.asarray(jax.jit(lambda i, r: color.color_fix(i, r, method))(image, ref))
+  crop = lambda y, x, h, w: jax.lax.dynamic_slice(ref, (0, y, x, 0), (2, h, w, 3))
+  clip = lambda v: jnp.clip(v, 0.0, 1.0)
+  for reference, finish, expected in ((ref, None, want), (crop, clip, np.clip(want, 0.0, 1.0))):
+    got = jax.jit(lambda i: color.color_fix_tiles(i, reference, method, tile=20, finish=finish))(image)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6)

@@ -94,3 +94,62 @@ def test_tiled_vae_memory_follows_the_tile(vae):
   encode = lambda im: tiled_vae_encode(vae, im, tile=64, overlap=32, tile_batch=1)
   for fn, small, large in ((decode, (1, 16, 16, 4), (1, 32, 32, 4)), (encode, (1, 128, 128, 3), (1, 256, 256, 3))):
     assert temporaries(fn, large) <= 1.1 * temporaries(fn, small)
+
+
+def _sr_like(lr, ref, *, lazy):
+  """The pipeline's data flow with cheap stand-ins for the models: LR upsampled 8x (lazy or whole), 'encoded'
+  (8x8 mean) in image tiles, 'denoised' in latent tiles with the LR and reference cropped per tile, 'decoded'
+  (nearest 8x) in tiles, wavelet colour fix towards the upsampled LR."""
+  from cassr_jax.color import color_fix, color_fix_tiles  # pylint: disable=import-outside-toplevel
+  from cassr_jax.image_ops import resize_bicubic  # pylint: disable=import-outside-toplevel
+  from cassr_jax.pipelines.tiled import UpsampledLR  # pylint: disable=import-outside-toplevel
+  b, h, w, _ = lr.shape
+  size = (8 * h, 8 * w)
+  encode = lambda im: im.reshape(b, im.shape[1] // 8, 8, im.shape[2] // 8, 8, 3).mean((2, 4)).repeat(2, -1)[..., :4]
+  decode = lambda z: jnp.tanh(z[..., :3]).repeat(8, 1).repeat(8, 2)
+  denoise = lambda x, t, ctx, up, rf: _pointwise(x, t, ctx, up) + _pointwise(x, t, ctx, rf)
+  if lazy:
+    lr_up = UpsampledLR(lr, size)
+  else:
+    lr_up = jnp.clip(resize_bicubic(lr, size), 0.0, 1.0)
+  up2 = lr_up.affine(2.0, -1.0) if lazy else lr_up * 2.0 - 1.0
+  z = tiled_apply(encode, up2, tile=64, overlap=32, tile_batch=1, align=8)
+  z = tiled_denoiser(denoise, tile=8, overlap=4, tile_batch=1)(z, jnp.array([5] * b), jnp.ones((b, 2, 3)), lr_up, ref)
+  images = (tiled_apply(decode, z, tile=8, overlap=4, tile_batch=1) + 1.0) * 0.5
+  if lazy:
+    return color_fix_tiles(images, lr_up.crop, "wavelet", finish=lambda v: jnp.clip(v, 0.0, 1.0))
+  return jnp.clip(color_fix(images, lr_up, "wavelet"), 0.0, 1.0)
+
+
+def test_tiled_sr_memory_follows_the_tile(rng):
+  """Lazy LR upsampling (tiles computed from the LR) and the colour fix tile by tile: XLA's temporaries
+  grow by about one full-size float image (the decoder's blend sum) for 4x the pixels, not by the several the
+  whole upsampled LR and whole-image colour fix took; and the results are the whole-image ones."""
+  def temporaries(lazy, h):
+    specs = [jax.ShapeDtypeStruct((1, h, h, 3), jnp.float32), jax.ShapeDtypeStruct((1, 8 * h, 8 * h, 3), jnp.float32)]
+    compiled = jax.jit(lambda lr, ref: _sr_like(lr, ref, lazy=lazy)).lower(*specs).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+  image_growth = (64 * 64 - 32 * 32) * 8 * 8 * 3 * 4  # one float32 RGB image at 512^2 minus at 256^2
+  growth = temporaries(True, 64) - temporaries(True, 32)
+  assert growth <= 1.3 * image_growth, growth / image_growth
+  assert temporaries(False, 64) - temporaries(False, 32) > 2.0 * image_growth  # control: whole images
+  lr = jnp.asarray(rng.random((1, 20, 18, 3)), jnp.float32)
+  ref = jnp.asarray(rng.random((1, 160, 144, 3)), jnp.float32)
+  lazy, whole = (jax.jit(lambda lr, ref, lazy=lazy: _sr_like(lr, ref, lazy=lazy))(lr, ref) for lazy in (True, False))
+  np.testing.assert_allclose(np.asarray(lazy), np.asarray(whole), atol=2e-6)
+
+
+def test_upsampled_lr_crops_are_slices_of_the_whole(rng):
+  """UpsampledLR's crops (static or traced starts, into the padding too) equal slices of the padded, clipped
+  bicubic resize; affine(2, -1) maps them to [-1, 1]."""
+  from cassr_jax.image_ops import resize_bicubic  # pylint: disable=import-outside-toplevel
+  from cassr_jax.pipelines.tiled import UpsampledLR  # pylint: disable=import-outside-toplevel
+  lr = jnp.asarray(rng.random((2, 13, 11, 3)), jnp.float32)
+  for size, padded, mode in (((20, 16), (32, 32), "reflect"), ((13, 11), (16, 16), "reflect"),
+                             ((1, 5), (16, 16), "edge")):
+    whole = jnp.pad(jnp.clip(resize_bicubic(lr, size), 0.0, 1.0),
+                    ((0, 0), (0, padded[0] - size[0]), (0, padded[1] - size[1]), (0, 0)), mode=mode)
+    up = UpsampledLR(lr, size, padded, mode)
+    np.testing.assert_array_equal(np.asarray(up.materialize()), np.asarray(whole))
+    crop = jax.jit(lambda lr, y, x: UpsampledLR(lr, size, padded, mode).affine(2.0, -1.0).crop(y, x, 9, 8))
+    np.testing.assert_allclose(np.asarray(crop(lr, 7, 5)), np.asarray(whole[:, 7:16, 5:13] * 2.0 - 1.0), atol=1e-6)

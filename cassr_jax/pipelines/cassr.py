@@ -8,8 +8,10 @@ Per batch of equal-sized LR images:
      inside the compiled program; reference = the stage-1 activation's output resized to that size (or
      lr_up when the model's reference_source is "lr").
   2. Both are reflect-padded to the multiple the VAE and U-Net need (VAE factor x 2**(U-Net levels - 1)).
-     Full-size images exist once each (LR upsampled, reference, output): tiles are cut from them inside
-     the tile loops, and CFG doubles a tile batch, not the image, so memory beyond them follows the tile.
+     lr_up is never made whole: it is a lazy image (pipelines.tiled.UpsampledLR) whose tiles are
+     computed from the LR where they are used. Full-size float images exist once each (the reference, the
+     decoded image, the output): tiles are cut from them inside the tile loops, CFG doubles a tile batch,
+     not the image, and the colour fix runs tile by tile, so memory beyond them follows the tile.
   3. The sampler starts from the VAE latent of lr_up noised to the first step (the paper's LR start; off:
      pure noise), CFG between the negative and the general prompt as one doubled batch, optional latent
      tiles; tiled VAE decode; colour correction towards lr_up; crop back to the output size.
@@ -38,9 +40,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cassr_jax import checkpoint
 from cassr_jax.activation import build_activation
-from cassr_jax.color import COLOR_FIXES, color_fix
+from cassr_jax.color import COLOR_FIXES, color_fix_tiles
 from cassr_jax.image_ops import resize_bicubic, to_float01, to_uint8
-from cassr_jax.pipelines.tiled import tiled_denoiser, tiled_vae_decode, tiled_vae_encode
+from cassr_jax.pipelines.tiled import UpsampledLR, tiled_denoiser, tiled_vae_decode, tiled_vae_encode
 from cassr_jax.sampling import cfg_denoiser, get_sampler, make_plan, run_plan
 from cassr_jax.schedulers.schedule import SCHEDULER_FILE, ScheduleConfig, load_schedule_config, make_schedule
 from cassr_jax.text import PromptCache, load_tokenizer
@@ -187,7 +189,7 @@ class CasSRPipeline:
         chunk = indices[start:start + batch_size]
         outs = self._run_batch(np.stack([images[i] for i in chunk]), [ids[i] for i in chunk], seed, opts)
         for i, out in zip(chunk, outs):
-          results[i] = out if output == "float" else to_uint8(out)
+          results[i] = out if output == "float" else _to_uint8_by_rows(out)
     return results
 
   def output_size(self, h: int, w: int, scale: float) -> tuple[int, int]:
@@ -276,8 +278,8 @@ class CasSRPipeline:
     def sr(states, lr, ref, keys, positive, negative):
       unet, vae = nnx.merge(unet_def, states[0]), nnx.merge(vae_def, states[1])
       b = lr.shape[0]
-      lr_up = jnp.clip(resize_bicubic(lr, (out_h, out_w)), 0.0, 1.0)
-      lr_up = jnp.pad(lr_up, ((0, 0), (0, ph - out_h), (0, pw - out_w), (0, 0)), mode=_pad_mode(out_h, out_w))
+      # pad(clip(bicubic(lr))) as a lazy image: each tile computes its pixels, no full-size copy exists.
+      lr_up = UpsampledLR(lr, (out_h, out_w), (ph, pw), _pad_mode(out_h, out_w))
       if ref is None:
         ref = lr_up
       shape = (b, ph // factor, pw // factor, vae.config.latent_channels)
@@ -285,7 +287,7 @@ class CasSRPipeline:
       start_keys, step_keys = jnp.split(jax.vmap(lambda k: jax.random.split(k, 2))(keys), 2, axis=1)
       eps = jax.vmap(lambda k: jax.random.normal(k[0], shape[1:], jnp.float32))(start_keys)
       if opts.start_from_lr:
-        z0 = tiled_vae_encode(vae, lr_up * 2.0 - 1.0, tile=None if vae_tile is None else vae_tile * factor,
+        z0 = tiled_vae_encode(vae, lr_up.affine(2.0, -1.0), tile=None if vae_tile is None else vae_tile * factor,
                               overlap=opts.vae_overlap * factor).astype(jnp.float32)
         x = plan.start_alpha * z0 + plan.start_sigma * eps
       else:
@@ -305,7 +307,8 @@ class CasSRPipeline:
       latents = run_plan(opts.sampler, plan, denoise, x, noise=step_noise)
       images = tiled_vae_decode(vae, latents, tile=vae_tile, overlap=opts.vae_overlap)
       images = (images.astype(jnp.float32) + 1.0) * 0.5
-      return jnp.clip(color_fix(images, lr_up, opts.color_fix), 0.0, 1.0)
+      return color_fix_tiles(images, lr_up.crop, opts.color_fix,
+                             finish=lambda fixed: jnp.clip(fixed, 0.0, 1.0))
 
     return sr
 
@@ -315,6 +318,14 @@ class CasSRPipeline:
     if tile < self.latent_multiple or tile % self.latent_multiple:
       raise ValueError(f"{what}={tile} must be a positive multiple of {self.latent_multiple} latent pixels")
     return int(tile)
+
+
+def _to_uint8_by_rows(image: np.ndarray, rows: int = 128) -> np.ndarray:
+  """to_uint8 a band of rows at a time (its float temporaries stay small for a large output)."""
+  out = np.empty(image.shape, np.uint8)
+  for start in range(0, image.shape[0], rows):
+    out[start:start + rows] = to_uint8(image[start:start + rows])
+  return out
 
 
 def _pad_mode(out_h: int, out_w: int) -> str:
