@@ -121,7 +121,7 @@ class Trainer:
         "text": {k: rep for k in text},
     }
     self.frozen = parallel.place({"model": frozen_model, "vae": vae_state, "act": act_state, "text": text},
-                        self.frozen_shardings)
+                                 self.frozen_shardings)
     self._initial_params = params
     self.batch_sharding = parallel.batch_sharding(mesh)
 
