@@ -7,8 +7,10 @@ does not divide evenly by its mesh axes is replicated instead of failing, so sma
 channels, the 3-channel hint conv) never block a mesh.
 
 Multi-host: every process builds the same global mesh (jax.make_mesh orders the devices by the physical
-topology), reads its own share of the global batch (`local_batch_size`), and `host_local_to_global` turns
-that share into global arrays; `global_to_host_local` / `gather_to_host` bring outputs back to numpy.
+topology). Values every process holds in full (weights, prompts) go on it with `place`, each process
+building its own shards; each process reads its own share of the global batch (`local_batch_size`), and
+`host_local_to_global` turns that share into global arrays; `global_to_host_local` / `gather_to_host` bring
+outputs back to numpy.
 Optimizer states made by nnx.Optimizer copy their parameter's metadata, so `param_shardings` places them by
 the same rules as the parameters.
 """
@@ -113,12 +115,30 @@ def param_shardings(model_or_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def place(tree, shardings, *, copy: bool = False):
+  """Puts a pytree whose values every process holds in full (weights, replicated inputs) on the mesh.
+
+  `shardings` may be a prefix of `tree` (e.g. one sharding per nnx.Variable). On several hosts each process
+  builds only its own shards from its host copy (no transfer between hosts). copy: never alias the input
+  buffers (for arrays that will be donated).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings, may_alias=False if copy else None)
+
+  def put(sharding, subtree):
+    def one(x):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(one, subtree)
+
+  return jax.tree.map(put, shardings, tree)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
   """Places every variable of `model` (a module or an nnx.Optimizer) on `mesh` per its logical names (in
   place); returns it."""
   state = nnx.state(model)
-  shardings = param_shardings(state, mesh, rules)
-  nnx.update(model, jax.device_put(state, shardings))
+  nnx.update(model, place(state, param_shardings(state, mesh, rules)))
   return model
 
 

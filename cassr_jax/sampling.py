@@ -6,6 +6,9 @@
 `denoise(x, t)` returns the model output (epsilon or v, as schedule.prediction_type says) for latents x
 (B, h, w, C) at integer timesteps t (B,). Every argument that shapes the loop (sampler, steps, strength,
 karras, eta) is static; the loop itself runs inside one XLA while loop, so `sample` may be jitted whole.
+
+`sample_images` is the one image-to-image run every super-resolver here uses (CasSRPipeline, the trainer's
+validation preview, the SD-based stage-1 activations): per-image noise, the LR start, the loop, decode.
 """
 from __future__ import annotations
 
@@ -112,6 +115,39 @@ def sample(denoise: Denoiser, key: jax.Array, *, schedule: NoiseSchedule, sample
   else:
     x = plan.start_alpha * start_latents.astype(dtype) + plan.start_sigma * eps
   return run_plan(sampler, plan, denoise, x, key=loop_key if plan.noisy else None)
+
+
+def sample_images(denoise: Denoiser, keys: jax.Array, plan: Plan, *, latent_shape: Sequence[int],
+                  decode: Callable[[jax.Array], jax.Array], start_latents: jax.Array | None = None,
+                  finish: Callable[[jax.Array], jax.Array] | None = None,
+                  sampler: str | Sampler | None = None) -> jax.Array:
+  """Images in [0, 1] sampled by `plan` (make_plan) with `denoise`, in float32.
+
+  keys: (B,) typed PRNG keys, one per image (e.g. fold_in(key(seed), image id)); image i's start noise and
+    every step's noise come from split(keys[i]) alone, so an image's result does not depend on batching.
+  latent_shape: (h, w, C) of one image's latents.
+  start_latents: (B, h, w, C) scaled latents of the start images (the VAE's encode_latents of the upsampled
+    LR in [-1, 1], or a tiled version): sampling starts from them noised to the plan's first level (the LR
+    start of SeeSR / CasSR; plan's strength says how far); None: from pure noise.
+  decode: scaled latents -> images in [-1, 1] (the VAE's decode_latents or a tiled version).
+  finish: images in [0, 1] -> the result (a colour fix, then the clip to [0, 1]); default: the clip.
+  sampler: the one `plan` was made for (default: the registered sampler named plan.sampler).
+  """
+  latent_shape = tuple(latent_shape)
+  pairs = jax.vmap(jax.random.split)(keys)
+  start_keys, step_keys = pairs[:, 0], pairs[:, 1]
+  eps = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(start_keys)
+  if start_latents is None:
+    x = eps
+  else:
+    x = plan.start_alpha * start_latents.astype(jnp.float32) + plan.start_sigma * eps
+  step_noise = None
+  if plan.noisy:  # per-image step noise, (steps, B, ...)
+    step_noise = jax.vmap(lambda k: jax.random.normal(k, (len(plan),) + latent_shape, jnp.float32))(
+        step_keys).swapaxes(0, 1)
+  latents = run_plan(plan.sampler if sampler is None else sampler, plan, denoise, x, noise=step_noise)
+  images = (decode(latents).astype(jnp.float32) + 1.0) * 0.5
+  return jnp.clip(images, 0.0, 1.0) if finish is None else finish(images)
 
 
 def cfg_denoiser(apply: Callable[..., jax.Array], contexts: tuple[jax.Array, jax.Array],

@@ -80,3 +80,12 @@ def test_two_processes_split_a_folder(setup, tmp_path):
   assert "process 0/2: 2 written" in logs[0] and "process 1/2: 2 written" in logs[1], logs
   written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
   assert written == ["a.png", "b.png", "sub/c.png", "sub/d.png"]
+
+
+def test_activation_option_is_one_config():
+  """--activation [--weights] becomes one config dict for --pipeline and --run alike (None: the saved one)."""
+  from cassr_jax.cli.infer import activation_config, parse_args  # pylint: disable=import-outside-toplevel
+  assert activation_config(parse_args(["--pipeline", "p"])) is None
+  assert activation_config(parse_args(["--run", "r", "--activation", "bicubic"])) == {"name": "bicubic"}
+  assert activation_config(parse_args(["--pipeline", "p", "--activation", "rrdbnet", "--weights", "w.pth"])) == {
+      "name": "rrdbnet", "weights": "w.pth"}

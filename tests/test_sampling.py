@@ -146,3 +146,26 @@ def test_cfg_denoiser_drives_a_jitted_sample(schedule, rng):
   b = run(jax.random.key(0), 7.5)  # a traced scale: always the doubled batch
   assert a.shape == b.shape == (1, 8, 8, 4) and np.isfinite(np.asarray(b)).all()
   assert np.abs(np.asarray(a - b)).max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler, lr_start", [("dpmpp_2m", True), ("ddpm", False)])
+def test_sample_images_is_per_image_and_starts_like_sample(schedule, sampler, lr_start, rng):
+  """sample_images (the pipeline's, the trainer preview's and the SD activations' run): image i depends only on
+  keys[i] (batching does not matter), and with an identity decode it is `sample` from the same key."""
+  images = jnp.asarray(rng.uniform(0, 1, (2, 6, 6, 3)), jnp.float32)
+  plan = sampling.make_plan(sampler, schedule, 3, strength=0.7 if lr_start else 1.0)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7, impl="threefry2x32"), i))(jnp.arange(2))
+  identity = lambda a: a
+  run = jax.jit(lambda im, k: sampling.sample_images(jnp_fake_model, k, plan, latent_shape=(6, 6, 3),
+                                                     decode=identity,
+                                                     start_latents=im * 2.0 - 1.0 if lr_start else None,
+                                                     finish=lambda out: jnp.clip(out * 0.9, 0.0, 1.0)))
+  both = np.asarray(run(images, keys))
+  alone = np.asarray(run(images[1:], keys[1:]))
+  np.testing.assert_array_equal(alone[0], both[1])
+  assert np.abs(both[0] - both[1]).max() > 1e-2
+  if not plan.noisy:  # `sample` draws step noise another way; the start and the loop are the same
+    latents = sampling.sample(jnp_fake_model, keys[0], schedule=schedule, sampler=sampler, steps=3,
+                              start_latents=images[:1] * 2.0 - 1.0, strength=0.7)
+    expected = np.clip((np.asarray(latents)[0] + 1.0) * 0.5 * 0.9, 0.0, 1.0)
+    np.testing.assert_allclose(both[0], expected, atol=1e-6)

@@ -8,8 +8,8 @@ They are not jittable (a whole sampling run per call, host-side prompt encoding)
 with activate_images / make_paired_data.py, or let CasSRPipeline call them once per batch. Noise comes from
 fold_in(key(seed), i) for image i of the call, so a call is deterministic.
 
-Note on layering: these activations need the sampler (cassr_jax.sampling) and the tiled VAE helpers, which
-sit above cassr_jax.activation in the import order; they are imported here, and only this module does so.
+The loop itself is cassr_jax.sampling.sample_images, the same run as CasSRPipeline's and the trainer's
+preview (the samplers sit below cassr_jax.activation in the import order).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from flax import nnx
 from cassr_jax import checkpoint
 from cassr_jax.activation import check_lr
 from cassr_jax.image_ops import resize_bicubic
-from cassr_jax.sampling import cfg_denoiser, make_plan, run_plan
+from cassr_jax.sampling import cfg_denoiser, make_plan, sample_images
 from cassr_jax.schedulers.schedule import load_schedule_config, make_schedule
 from cassr_jax.text import PromptCache, load_tokenizer
 
@@ -83,23 +83,12 @@ class DiffusionActivation:
     model, vae = (nnx.merge(g, s) for g, s in zip(self._graphdefs, states))
     b, ph, pw, _ = lr_up.shape
     f = vae.config.downscale
-    shape = (ph // f, pw // f, vae.config.latent_channels)
-    start_keys = jax.vmap(lambda k: jax.random.split(k)[0])(keys)
-    step_keys = jax.vmap(lambda k: jax.random.split(k)[1])(keys)
-    eps = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(start_keys)
-    plan = self._plan
-    if self.start_from_lr:
-      x = plan.start_alpha * vae.encode_latents(lr_up * 2.0 - 1.0).astype(jnp.float32) + plan.start_sigma * eps
-    else:
-      x = eps
-    noise = None
-    if plan.noisy:
-      noise = jax.vmap(lambda k: jax.random.normal(k, (len(plan),) + shape, jnp.float32))(step_keys).swapaxes(0, 1)
     positive = jnp.broadcast_to(positive, (b,) + positive.shape[1:])
     denoise = cfg_denoiser(lambda x, t, c, lr: self._denoise(model, x, t, c, lr), (negative, positive),
                            self.guidance_scale, extra=(lr_up,))
-    latents = run_plan(self.sampler, plan, denoise, x, noise=noise)
-    return jnp.clip((vae.decode_latents(latents).astype(jnp.float32) + 1.0) * 0.5, 0.0, 1.0)
+    return sample_images(denoise, keys, self._plan, latent_shape=(ph // f, pw // f, vae.config.latent_channels),
+                         decode=vae.decode_latents,
+                         start_latents=vae.encode_latents(lr_up * 2.0 - 1.0) if self.start_from_lr else None)
 
   def __call__(self, lr: jax.Array) -> jax.Array:
     lr = check_lr(lr, self.name)

@@ -81,6 +81,13 @@ def cassr_settings(args) -> dict:
   return settings
 
 
+def activation_config(args) -> dict | None:
+  """The stage-1 config that --activation / --weights give the CasSR pipeline (None: the saved one)."""
+  if not args.activation:
+    return None
+  return {"name": args.activation, **({"weights": args.weights} if args.weights else {})}
+
+
 def run_cassr(args, inputs: list[tuple[str, str]]) -> int:
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -92,9 +99,7 @@ def run_cassr(args, inputs: list[tuple[str, str]]) -> int:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
-  activation = args.activation
-  if activation and args.weights:
-    activation = {"name": activation, "weights": args.weights}
+  activation = activation_config(args)
   settings = cassr_settings(args)
   try:
     if args.pipeline:
@@ -102,8 +107,7 @@ def run_cassr(args, inputs: list[tuple[str, str]]) -> int:
                                            **settings)
     else:
       from cassr_jax.train.export import pipeline_from_run  # pylint: disable=import-outside-toplevel
-      pipe = pipeline_from_run(args.run, args.step, activation=activation if isinstance(activation, dict)
-                               else ({"name": activation} if activation else None), **settings)
+      pipe = pipeline_from_run(args.run, args.step, activation=activation, **settings)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
   jobs = [(i, path, output_path(args.out, rel)) for i, (path, rel) in enumerate(inputs)]

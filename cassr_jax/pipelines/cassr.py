@@ -43,7 +43,7 @@ from cassr_jax.activation import build_activation
 from cassr_jax.color import COLOR_FIXES, color_fix_tiles
 from cassr_jax.image_ops import resize_bicubic, to_float01, to_uint8
 from cassr_jax.pipelines.tiled import UpsampledLR, tiled_denoiser, tiled_vae_decode, tiled_vae_encode
-from cassr_jax.sampling import cfg_denoiser, get_sampler, make_plan, run_plan
+from cassr_jax.sampling import cfg_denoiser, get_sampler, make_plan, sample_images
 from cassr_jax.schedulers.schedule import SCHEDULER_FILE, ScheduleConfig, load_schedule_config, make_schedule
 from cassr_jax.text import PromptCache, load_tokenizer
 
@@ -282,20 +282,7 @@ class CasSRPipeline:
       lr_up = UpsampledLR(lr, (out_h, out_w), (ph, pw), _pad_mode(out_h, out_w))
       if ref is None:
         ref = lr_up
-      shape = (b, ph // factor, pw // factor, vae.config.latent_channels)
       keys = jax.vmap(lambda k: jax.random.wrap_key_data(k, impl=PRNG_IMPL))(keys)
-      start_keys, step_keys = jnp.split(jax.vmap(lambda k: jax.random.split(k, 2))(keys), 2, axis=1)
-      eps = jax.vmap(lambda k: jax.random.normal(k[0], shape[1:], jnp.float32))(start_keys)
-      if opts.start_from_lr:
-        z0 = tiled_vae_encode(vae, lr_up.affine(2.0, -1.0), tile=None if vae_tile is None else vae_tile * factor,
-                              overlap=opts.vae_overlap * factor).astype(jnp.float32)
-        x = plan.start_alpha * z0 + plan.start_sigma * eps
-      else:
-        x = eps
-      step_noise = None
-      if plan.noisy:  # per-image step noise, (steps, B, ...)
-        step_noise = jax.vmap(lambda k: jax.random.normal(k[0], (len(plan),) + shape[1:], jnp.float32))(
-            step_keys).swapaxes(0, 1)
       def guided(x, t, contexts, lr, rf):  # CFG on a tile: only a tile batch, never the image, is doubled
         return cfg_denoiser(lambda x, t, c, lr, rf: unet(x, t, c, lr, rf), contexts, opts.guidance_scale,
                             extra=(lr, rf))(x, t)
@@ -304,11 +291,15 @@ class CasSRPipeline:
                              image_scale=factor)
       contexts = tuple(jnp.broadcast_to(c, (b,) + c.shape[1:]) for c in (negative, positive))
       denoise = lambda x, t: apply(x, t, contexts, lr_up, ref)
-      latents = run_plan(opts.sampler, plan, denoise, x, noise=step_noise)
-      images = tiled_vae_decode(vae, latents, tile=vae_tile, overlap=opts.vae_overlap)
-      images = (images.astype(jnp.float32) + 1.0) * 0.5
-      return color_fix_tiles(images, lr_up.crop, opts.color_fix,
-                             finish=lambda fixed: jnp.clip(fixed, 0.0, 1.0))
+      start = None
+      if opts.start_from_lr:
+        start = tiled_vae_encode(vae, lr_up.affine(2.0, -1.0), tile=None if vae_tile is None else vae_tile * factor,
+                                 overlap=opts.vae_overlap * factor)
+      decode = lambda latents: tiled_vae_decode(vae, latents, tile=vae_tile, overlap=opts.vae_overlap)
+      return sample_images(denoise, keys, plan, latent_shape=(ph // factor, pw // factor, vae.config.latent_channels),
+                           decode=decode, start_latents=start,
+                           finish=lambda images: color_fix_tiles(images, lr_up.crop, opts.color_fix,
+                                                                 finish=lambda fixed: jnp.clip(fixed, 0.0, 1.0)))
 
     return sr
 

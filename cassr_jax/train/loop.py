@@ -28,7 +28,7 @@ from cassr_jax.config import validate_config
 from cassr_jax.data import pipeline
 from cassr_jax.train import checkpointing
 from cassr_jax.train.components import build_components
-from cassr_jax.train.step import Trainer, model_batch, place, replicated
+from cassr_jax.train.step import Trainer, model_batch, replicated
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -207,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   val_every = int(t.val_every)
   val_batch = None
   if val_every:
-    val_batch = place(validation_batch(config), replicated(mesh))
+    val_batch = parallel.place(validation_batch(config), replicated(mesh))
   logger = Logger(workdir, total, start, int(t.batch_size)) if is_main else None
   history: list[dict[str, Any]] = []
   pending = None  # (step, device metrics) of the last dispatched step, read one step later

@@ -32,7 +32,7 @@ from cassr_jax.activation import build_activation
 from cassr_jax.color import color_fix
 from cassr_jax.config import NO_ACTIVATION, PAIRED_ACTIVATION, model_kind
 from cassr_jax.models import trainable_filter
-from cassr_jax.sampling import cfg_denoiser, make_plan, run_plan
+from cassr_jax.sampling import cfg_denoiser, make_plan, sample_images
 from cassr_jax.schedulers import add_noise, training_target
 from cassr_jax.text import encode_prompts
 from cassr_jax.train.components import Components
@@ -45,23 +45,6 @@ KEY_IMPL = "threefry2x32"      # explicit: results must not depend on the defaul
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def place(tree, shardings, *, copy: bool = False):
-  """Puts a host or single-device pytree on the mesh (every process holds the same values).
-
-  `shardings` may be a prefix of `tree` (one sharding per nnx.Variable). copy: never alias the input buffers.
-  """
-  if jax.process_count() == 1:
-    return jax.device_put(tree, shardings, may_alias=False if copy else None)
-
-  def put(sharding, subtree):  # each process builds its own shards from its host copy
-    def one(x):
-      x = np.asarray(x)
-      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(one, subtree)
-
-  return jax.tree.map(put, shardings, tree)
 
 
 def model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,8 +120,8 @@ class Trainer:
                else jax.tree.map(lambda _: rep, act_state),
         "text": {k: rep for k in text},
     }
-    self.frozen = place({"model": frozen_model, "vae": vae_state, "act": act_state, "text": text},
-                        self.frozen_shardings)
+    self.frozen = parallel.place({"model": frozen_model, "vae": vae_state, "act": act_state, "text": text},
+                                 self.frozen_shardings)
     self._initial_params = params
     self.batch_sharding = parallel.batch_sharding(mesh)
 
@@ -153,12 +136,13 @@ class Trainer:
   def init_state(self) -> TrainState:
     # Fresh buffers for everything that will be donated: device_put may alias the host model's arrays, and
     # XLA may return one buffer for equal outputs (Adam's zero mu and nu).
-    params = place(self._initial_params, self.param_shardings, copy=True)
+    params = parallel.place(self._initial_params, self.param_shardings, copy=True)
     rep = replicated(self.mesh)
     key = jax.random.key(int(self.config.seed), impl=KEY_IMPL)
     opt = jax.tree.map(jnp.copy, self._init_opt(params, self.frozen))
     state = {"params": params, "opt": opt,
-             "step": place(jnp.zeros((), jnp.int32), rep), "rng": place(jax.random.key_data(key), rep)}
+             "step": parallel.place(jnp.zeros((), jnp.int32), rep),
+             "rng": parallel.place(jax.random.key_data(key), rep)}
     if self.ema_decay > 0:
       state["ema"] = jax.tree.map(jnp.copy, params)
     return state
@@ -278,35 +262,26 @@ class Trainer:
     vae = nnx.merge(self.vae_graphdef, frozen["vae"])
     ref = self._reference(frozen, batch)
     lr_up = batch["lr_up"]
-    f = vae.config.downscale
-    shape = (lr_up.shape[0], lr_up.shape[1] // f, lr_up.shape[2] // f, vae.config.latent_channels)
-    return {"ref": lr_up if ref is None else ref, "sample": self._sample(model, vae, frozen, lr_up, ref, shape)}
+    return {"ref": lr_up if ref is None else ref, "sample": self._sample(model, vae, frozen, lr_up, ref)}
 
-  def _sample(self, model, vae, frozen, lr_up, ref, shape):
+  def _sample(self, model, vae, frozen, lr_up, ref):
     """config.sample's sampler with CFG, as inference runs it (without tiles): CasSR starts from the LR
     latents noised to the first step and colour-corrects towards lr_up (CasSRPipeline); SCEdit starts from
     pure noise (SCEditActivation). Image i's noise comes from fold_in(key(seed), i)."""
-    s, plan = self.config.sample, self.val_plan
-    b = lr_up.shape[0]
+    s = self.config.sample
+    b, h, w, _ = lr_up.shape
     root = jax.random.key(int(self.config.seed), impl=KEY_IMPL)
-    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(root, i)))(jnp.arange(b))
-    eps = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys[:, 0])
-    if self.model_kind == "cassr":
-      x = plan.start_alpha * vae.encode_latents(lr_up * 2.0 - 1.0).astype(jnp.float32) + plan.start_sigma * eps
-    else:
-      x = eps
-    step_noise = None
-    if plan.noisy:  # per-image step noise, (steps, B, ...)
-      step_noise = jax.vmap(lambda k: jax.random.normal(k, (len(plan),) + shape[1:], jnp.float32))(
-          keys[:, 1]).swapaxes(0, 1)
+    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(b))
     text = frozen["text"]
     positive = jnp.broadcast_to(text["prompt"], (b,) + text["prompt"].shape[1:]).astype(jnp.float32)
     negative = text["negative"].astype(jnp.float32)
     extra = (lr_up,) if ref is None else (lr_up, ref)
     apply = lambda x, t, c, lr, *rf: self._apply(model, x, t, c, lr, rf[0] if rf else None)
     denoise = cfg_denoiser(apply, (negative, positive), float(s.guidance_scale), extra=extra)
-    latents = run_plan(s.sampler, plan, denoise, x, noise=step_noise)
-    images = (vae.decode_latents(latents).astype(jnp.float32) + 1.0) * 0.5
-    if self.model_kind == "cassr":
-      images = color_fix(images, lr_up, str(s.color_fix))
-    return jnp.clip(images, 0.0, 1.0)
+    cassr = self.model_kind == "cassr"
+    f = vae.config.downscale
+    return sample_images(denoise, keys, self.val_plan, latent_shape=(h // f, w // f, vae.config.latent_channels),
+                         decode=vae.decode_latents,
+                         start_latents=vae.encode_latents(lr_up * 2.0 - 1.0) if cassr else None,
+                         finish=(lambda images: jnp.clip(color_fix(images, lr_up, str(s.color_fix)), 0.0, 1.0))
+                         if cassr else None)

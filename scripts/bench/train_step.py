@@ -4,24 +4,27 @@
   python scripts/bench/train_step.py --size tiny --vs-torch                                     # seconds, CPU
   python scripts/bench/train_step.py --size sd15 --resolution 256 --no-multiple-attention --vs-torch
 
-The step (`train_step` below; the trainer's own step replaces it later): the frozen VAE encodes the HR crop
-(posterior sample, scaled), t uniform over the 1000 training steps, noise added with SD's scaled-linear
-schedule, CasSR forward, epsilon-MSE, backward, Adam on the trainable parameters (ControlNet + multiple
-attention); random weights. `--no-multiple-attention` is the paper's "residual add only" model: SD + one
-ControlNet pass over the LR image, i.e. exactly the work of diffusers' ControlNet training, which
-`--vs-torch` times in the same process (diffusers' UNet2DConditionModel frozen + ControlNetModel trained +
-AutoencoderKL encode, forward + backward + torch.optim.Adam, same resolution, batch and dtype; autocast for
-bf16). Runs are interleaved (ours, torch, ours, ...) so background load hits both alike.
+The step is the trainer's own (cassr_jax.train.step.Trainer.step, the one a training run compiles), on a
+config built in code (cassr_jax.config.tiny_config() with this run's sizes, dtype, attention, remat and
+batch; references from the batch, as activation.name = "paired"; one device) and random weights at the
+named size: the frozen VAE encodes the HR crop (posterior sample, scaled), t uniform over the 1000
+training steps, noise added with SD's scaled-linear schedule, prompt dropout, CasSR forward, epsilon-MSE,
+backward, gradient clipping and Adam on the trainable parameters (ControlNet + multiple attention).
+`--no-multiple-attention` is the paper's "residual add only" model: SD + one ControlNet pass over the LR
+image, i.e. exactly the work of diffusers' ControlNet training, which `--vs-torch` times in the same process
+(diffusers' UNet2DConditionModel frozen + ControlNetModel trained + AutoencoderKL encode, forward + backward
++ torch.optim.Adam, same resolution, batch and dtype; autocast for bf16). Runs are interleaved (ours, torch,
+ours, ...) so background load hits both alike.
 
 TFLOP per step are counted from the shapes of every matmul and convolution (2 FLOPs per multiply-add) in
-the step's jaxpr with XLA attention and without remat, i.e. model FLOPs: the recomputation of remat and
-the VAE encode (no gradient) are counted as they run except for remat. MFU divides by the device's dense
+the jaxpr of the same trainer step built with XLA attention and without remat, i.e. model FLOPs: the VAE
+encode (no gradient) counts as it runs, the recomputation of remat does not. MFU divides by the device's dense
 peak for the compute dtype (table below; CPU: n/a).
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import resource
 import statistics
 import time
@@ -29,16 +32,20 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from cassr_jax.models import trainable_filter
-from cassr_jax.models.cassr_unet import CasSRConfig, CasSRUNet
+from cassr_jax import parallel
+from cassr_jax.config import PAIRED_ACTIVATION, parse_model_switches, tiny_config
+from cassr_jax.models.cassr_unet import CasSRUNet
+from cassr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from cassr_jax.models.controlnet import ControlNetConfig
 from cassr_jax.models.unet import UNetConfig
 from cassr_jax.models.vae import AutoencoderKL, VAEConfig
 from cassr_jax.nn.layers import Policy
-from cassr_jax.schedulers.schedule import add_noise, make_schedule
+from cassr_jax.schedulers.schedule import make_schedule
+from cassr_jax.text import HashTokenizer
+from cassr_jax.train.components import Components
+from cassr_jax.train.step import Trainer, model_batch
 
 # Dense peak TFLOP/s per chip: (bf16/fp16, fp32 as XLA runs it: TF32 tensor cores on A100/H100/H200).
 PEAK_TFLOPS = {
@@ -96,80 +103,79 @@ def matmul_flops(jaxpr) -> float:
   return total
 
 
-def train_step(graphdef, vae_graphdef, schedule, tx, trainable, opt_state, frozen, vae_state, batch, key):
-  """One CasSR training step; returns (trainable, opt_state, loss)."""
-
-  def loss_fn(trainable):
-    model = nnx.merge(graphdef, trainable, frozen)
-    vae = nnx.merge(vae_graphdef, vae_state)
-    k_latent, k_t, k_noise = jax.random.split(key, 3)
-    latents = jax.lax.stop_gradient(vae.encode_latents(batch["hr"], k_latent)).astype(jnp.float32)
-    t = jax.random.randint(k_t, (latents.shape[0],), 0, schedule.num_train_timesteps)
-    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-    eps = model(add_noise(schedule, latents, noise, t), t, batch["context"], batch["lr_up"], batch["ref"])
-    return jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
-
-  loss, grads = jax.value_and_grad(loss_fn)(trainable)
-  updates, opt_state = tx.update(grads, opt_state, trainable)
-  return optax.apply_updates(trainable, updates), opt_state, loss
+def bench_config(args, attention: str | None = None, remat: str | None = None):
+  """The training config of this run: tiny_config() with the benchmark's batch, crop, dtype and model."""
+  c = tiny_config()
+  c.runtime.dtype = args.dtype
+  c.runtime.attention = attention or args.attention
+  c.runtime.remat = remat or args.remat
+  c.model.multiple_attention = args.multiple_attention
+  c.activation.name = PAIRED_ACTIVATION  # the batch carries the stage-1 reference
+  c.data.crop_size = args.resolution
+  c.train.batch_size = args.batch
+  c.train.learning_rate = 1e-5
+  return c
 
 
-def build_ours(args, abstract: bool = False, attention: str | None = None, remat: str | None = None):
+def build_components(args, config, abstract: bool = False) -> Components:
+  """Random models of `args.size` with config's dtype, attention and remat (abstract: shapes only)."""
   unet_kw, vae_kw, _, hint = SIZES[args.size]
   unet_cfg = UNetConfig.from_diffusers(unet_kw)
-  config = CasSRConfig(unet=unet_cfg, multiple_attention=args.multiple_attention,
-                       controlnet=ControlNetConfig.from_unet(unet_cfg, conditioning_embedding_out_channels=hint))
-  policy = Policy(jnp.float32, jnp.dtype(args.dtype))
-  make = lambda: (CasSRUNet(config, policy=policy, attention=attention or args.attention,
-                            remat=remat or args.remat, rngs=nnx.Rngs(0)),
-                  AutoencoderKL(VAEConfig(**vae_kw), policy=policy, attention=attention or args.attention,
-                                rngs=nnx.Rngs(1)))
+  model_cfg = dataclasses.replace(parse_model_switches(config), unet=unet_cfg, controlnet=ControlNetConfig.from_unet(
+      unet_cfg, conditioning_embedding_out_channels=hint))
+  width = unet_cfg.cross_attention_dim  # a one-layer text encoder: it runs once, outside the step
+  text_cfg = CLIPTextConfig(vocab_size=1000, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                            num_attention_heads=2)
+  policy = Policy(jnp.float32, jnp.dtype(config.runtime.dtype))
+  attention, remat = str(config.runtime.attention), str(config.runtime.remat)
+  make = lambda: (CasSRUNet(model_cfg, policy=policy, attention=attention, remat=remat, rngs=nnx.Rngs(0)),
+                  AutoencoderKL(VAEConfig(**vae_kw), policy=policy, attention=attention, rngs=nnx.Rngs(1)),
+                  CLIPTextModel(text_cfg, attention="xla", rngs=nnx.Rngs(2)))
   if abstract:
-    return nnx.eval_shape(make)
-  # One jitted initialisation: far faster than eager init, which compiles one program per parameter shape.
-  graphdefs, states = jax.jit(lambda: tuple(zip(*(nnx.split(m) for m in make()))))()
-  return tuple(nnx.merge(g, s) for g, s in zip(graphdefs, states))
+    models = nnx.eval_shape(make)
+  else:
+    # One jitted initialisation: far faster than eager init, which compiles one program per parameter shape.
+    graphdefs, states = jax.jit(lambda: tuple(zip(*(nnx.split(m) for m in make()))))()
+    models = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, states))
+  return Components(*models, HashTokenizer(text_cfg.vocab_size), make_schedule())
 
 
 def make_batch(args, rng):
+  """A training batch as the data pipeline gives it (HR crop, LR x4 smaller, upsampled LR, stage-1 reference,
+  identities), plus the text context the torch step takes."""
   _, _, tokens, _ = SIZES[args.size]
-  unet_kw = SIZES[args.size][0]
   b, r = args.batch, args.resolution
-  return {"hr": rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
-          "lr_up": rng.uniform(0, 1, (b, r, r, 3)).astype(np.float32),
-          "ref": rng.uniform(0, 1, (b, r, r, 3)).astype(np.float32),
-          "context": rng.standard_normal((b, tokens, unet_kw["cross_attention_dim"])).astype(np.float32)}
+  image = lambda size: rng.uniform(0, 1, (b, size, size, 3)).astype(np.float32)
+  return {"hr": image(r), "lr": image(max(r // 4, 1)), "lr_up": image(r), "ref": image(r),
+          "epoch": np.zeros(b, np.int32), "index": np.arange(b, dtype=np.int32),
+          "context": rng.standard_normal((b, tokens, SIZES[args.size][0]["cross_attention_dim"])).astype(np.float32)}
 
 
 def ours_runner(args, batch):
-  """(run one step, compile seconds, analytic FLOPs per step)."""
-  model, vae = build_ours(args)
-  graphdef, trainable, frozen = nnx.split(model, trainable_filter(model), ...)
-  vae_graphdef, vae_state = nnx.split(vae)
-  tx = optax.adam(1e-5)
-  opt_state = tx.init(trainable)
-  schedule = make_schedule()
-  step = jax.jit(functools.partial(train_step, graphdef, vae_graphdef, schedule, tx), donate_argnums=(0, 1))
-  batch = jax.tree.map(jnp.asarray, batch)
-  key = jax.random.key(0)
+  """(run one step of the trainer, compile seconds, analytic FLOPs per step)."""
+  mesh = parallel.make_mesh(1, jax.devices()[:1])
+  config = bench_config(args)
+  parts = build_components(args, config)
+  trainer = Trainer(config, parts, mesh)
+  batch = parallel.host_local_to_global(model_batch(batch), mesh)
   start = time.perf_counter()
-  compiled = step.lower(trainable, opt_state, frozen, vae_state, batch, key).compile()
+  compiled = trainer.step.lower(trainer.abstract_state(), trainer.frozen, batch).compile()
   compile_s = time.perf_counter() - start
 
-  # Model FLOPs: the same step traced abstractly with XLA attention (no loops) and no remat.
-  a_model, a_vae = build_ours(args, abstract=True, attention="xla", remat="none")
-  a_gd, a_tr, a_fr = nnx.split(a_model, trainable_filter(a_model), ...)
-  a_vgd, a_vs = nnx.split(a_vae)
-  jaxpr = jax.make_jaxpr(functools.partial(train_step, a_gd, a_vgd, schedule, tx))(
-      a_tr, tx.init(a_tr), a_fr, a_vs, batch, key)
+  # Model FLOPs: the same step, traced (not run) with XLA attention (no loops) and no remat, same weights.
+  flops_config = bench_config(args, attention="xla", remat="none")
+  shapes = build_components(args, flops_config, abstract=True)
+  rebuild = lambda abstract, real: nnx.merge(nnx.split(abstract)[0], nnx.state(real))
+  flops_trainer = Trainer(flops_config, dataclasses.replace(parts, model=rebuild(shapes.model, parts.model),
+                                                            vae=rebuild(shapes.vae, parts.vae)), mesh)
+  jaxpr = jax.make_jaxpr(flops_trainer.step)(flops_trainer.abstract_state(), flops_trainer.frozen, batch)
   flops = matmul_flops(jaxpr.jaxpr)
-  state = {"trainable": trainable, "opt": opt_state, "i": 0}
+  del flops_trainer, jaxpr
+  state = {"state": trainer.init_state()}
 
   def run():
-    state["i"] += 1
-    state["trainable"], state["opt"], loss = compiled(state["trainable"], state["opt"], frozen, vae_state,
-                                                      batch, jax.random.fold_in(key, state["i"]))
-    return float(loss)
+    state["state"], metrics = compiled(state["state"], trainer.frozen, batch)
+    return float(metrics["loss"])
 
   return run, compile_s, flops
 
@@ -194,7 +200,8 @@ def torch_runner(args, batch):
   scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
   optimizer = torch.optim.Adam(controlnet.parameters(), lr=1e-5)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).to(device)
-  hr, lr_up, context = nchw(batch["hr"]), nchw(batch["lr_up"]), torch.from_numpy(batch["context"]).to(device)
+  hr, lr_up = nchw(batch["hr"] * 2.0 - 1.0), nchw(batch["lr_up"])  # the VAE reads [-1, 1]
+  context = torch.from_numpy(batch["context"]).to(device)
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
   def run():
