@@ -1,5 +1,6 @@
-"""cassr-demo end to end at a reduced size (2 training steps, 8 training crops, 1 held-out 128 px photo, 1
-sampler step), then the same command again: it must skip every stage (no retraining, outputs kept).
+"""cassr-demo end to end at a reduced size (20 VAE fit steps, 2 training steps, 8 training crops, 1 held-out
+128 px photo, 1 sampler step), then the same command again: it must skip every stage (no refit, no retraining,
+outputs kept).
 
 The command runs in a subprocess on one CPU device, as on a user's machine (this process simulates 8)."""
 from __future__ import annotations
@@ -10,15 +11,19 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
+from flax import nnx
 
+from cassr_jax import checkpoint
 from cassr_jax.cli import demo
 from cassr_jax.data import images
-from cassr_jax.train import loop
+from cassr_jax.train import export, loop
+from cassr_jax.train.checkpointing import read_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--steps=2", "--heldout=1", "--sample-steps=1", "--photo-size=128", "--train-images=8"]
-STAGES = ["data", "train", "sr", "eval_cassr", "eval_stage1"]
+SMALL = ["--steps=2", "--heldout=1", "--sample-steps=1", "--photo-size=128", "--train-images=8", "--vae-steps=20"]
+STAGES = ["data", "vae", "train", "sr", "eval_cassr", "eval_stage1"]
 
 
 def run_demo(workdir: str) -> dict:
@@ -84,7 +89,18 @@ def test_demo_end_to_end_then_resume(tmp_path):
   with open(os.path.join(eval_dir, "cassr", "index.html"), encoding="utf-8") as f:
     assert "astronaut" in f.read()
 
+  # The VAE fitted to the training tiles is the run's frozen VAE, and the exported pipeline's.
+  vae = first["vae"]
+  assert vae["steps"] == 20 and vae["last_loss"] < 0.8 * vae["first_loss"], vae
   run = first["paths"]["run"]
+  assert read_run_config(run).init.vae == first["paths"]["vae"] == os.path.join(workdir, demo.VAE_DIR)
+  exported = export.export_run(run, str(tmp_path / "exported"))
+  fitted = checkpoint.load_model(first["paths"]["vae"])
+  in_export = checkpoint.load_model(os.path.join(exported, "vae"))
+  assert in_export.config == fitted.config and fitted.config.scaling_factor == vae["scaling_factor"]
+  for a, b in zip(jax.tree.leaves(nnx.state(in_export, nnx.Param)), jax.tree.leaves(nnx.state(fitted, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
   with open(os.path.join(run, loop.METRICS_FILE)) as f:
     steps_logged = [json.loads(line)["step"] for line in f]
   assert steps_logged[-1] == 2

@@ -158,12 +158,11 @@ def load_vae(config, policy: Policy) -> AutoencoderKL:
   return checkpoint.load_model(path, policy=policy, attention=config.runtime.attention)
 
 
-def _check_vae(config, vae: AutoencoderKL, model) -> None:
-  unet = getattr(model.config, "unet", None)
-  expected = getattr(unet, "in_channels", vae.config.latent_channels)
-  if vae.config.latent_channels != expected:
+def _check_vae(config, vae: AutoencoderKL, unet: UNetConfig) -> AutoencoderKL:
+  if vae.config.latent_channels != unet.in_channels:
     raise ValueError(f"init.vae={str(config.init.vae)!r}: {vae.config.latent_channels} latent channels, the "
-                     f"U-Net takes {expected}")
+                     f"U-Net takes {unet.in_channels}")
+  return vae
 
 
 def build_components(config, workdir: str | None = None, *, model_only: bool = False) -> Components:
@@ -175,13 +174,13 @@ def build_components(config, workdir: str | None = None, *, model_only: bool = F
   policy = policy_of(config)
   if config.init.random:
     spec = RANDOM_MODELS[str(config.init.random)]
+    vae = None
+    if config.init.get("vae") and not model_only:  # a bad init.vae fails before the model is built
+      vae = _check_vae(config, load_vae(config, policy), spec.unet)
     model = _random_model(config, spec, policy)
     if model_only:
       return Components(model, None, None, None, make_schedule())
-    if config.init.get("vae"):
-      vae = load_vae(config, policy)
-      _check_vae(config, vae, model)
-    else:
+    if vae is None:
       vae = AutoencoderKL(spec.vae, policy=policy, attention=config.runtime.attention,
                           rngs=nnx.Rngs(int(config.seed) + 1))
     text_encoder = CLIPTextModel(spec.text, policy=Policy(policy.param_dtype, policy.param_dtype),
@@ -194,8 +193,7 @@ def build_components(config, workdir: str | None = None, *, model_only: bool = F
   if model_only:
     return Components(model, None, None, None, schedule)
   if config.init.get("vae"):
-    vae = load_vae(config, policy)
-    _check_vae(config, vae, model)
+    vae = _check_vae(config, load_vae(config, policy), model.config.unet)
   else:
     vae = checkpoint.load_model(os.path.join(root, "vae"), policy=policy, attention=config.runtime.attention)
   text_encoder = checkpoint.load_model(os.path.join(root, "text_encoder"),
