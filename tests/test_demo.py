@@ -1,6 +1,6 @@
 """cassr-demo end to end at a reduced size (20 VAE fit steps, 2 training steps, 8 training crops, 1 held-out
-128 px photo, 1 sampler step), then the same command again: it must skip every stage (no refit, no retraining,
-outputs kept).
+128 px photo, 4 sampler steps of which 1 runs), then the same command again: it must skip every stage (no
+refit, no retraining, outputs kept).
 
 The command runs in a subprocess on one CPU device, as on a user's machine (this process simulates 8)."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cassr_jax.train import export, loop
 from cassr_jax.train.checkpointing import read_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--steps=2", "--heldout=1", "--sample-steps=1", "--photo-size=128", "--train-images=8", "--vae-steps=20"]
+SMALL = ["--steps=2", "--heldout=1", "--sample-steps=4", "--photo-size=128", "--train-images=8", "--vae-steps=20"]
 STAGES = ["data", "vae", "train", "sr", "eval_cassr", "eval_stage1"]
 
 
