@@ -62,24 +62,23 @@ def test_demo_end_to_end_then_resume(tmp_path):
   lr = images.read_image(os.path.join(workdir, "data", "heldout", "lr", "astronaut.png"))
   assert hr.shape == (128, 128, 3) and lr.shape == (32, 32, 3)
 
-  # The CasSR output of the trained run: the HR's size, and clearly closer to the HR than an image of uniform
-  # noise (about 7-8 dB): the wavelet colour fix carries the LR's low frequencies into it, the random frozen VAE
-  # of the tiny model only adds texture (a flat image of the HR's mean colour would be too strict: chelsea's
-  # flat PSNR is 18 dB at 256 px, more than the tiny model's 13 dB).
+  # The CasSR output of the trained run: the HR's size, and a picture: closer to the HR than a flat image of the
+  # HR's mean colour (measured here 12.8 dB against 10.4; uniform noise is 7-8 dB, the random VAE of the tiny
+  # model gave noise). Even this short VAE fit (20 steps) and the LR's low frequencies (wavelet colour fix) make
+  # it one; at full size the demo measured 19.6 dB (noise-like 12.2 with the random VAE).
   (out,) = first["paths"]["outputs"]
   sr = images.read_image(out)
   assert sr.shape == hr.shape
   values = demo.metric_values(first["metrics"]["cassr"])
   hr01 = hr.astype(np.float64) / 255.0
-  noise = np.random.default_rng(0).random(hr01.shape)
-  noise_psnr = -10 * math.log10(np.mean((noise - hr01) ** 2))
-  assert math.isfinite(values["psnr"]) and values["psnr"] > noise_psnr + 1.5, (values, noise_psnr)
+  flat_psnr = -10 * math.log10(np.mean((hr01.mean(axis=(0, 1)) - hr01) ** 2))
+  assert math.isfinite(values["psnr"]) and values["psnr"] > flat_psnr + 1.0, (values, flat_psnr)
   ours = -10 * math.log10(np.mean((sr / 255.0 - hr01) ** 2))
   assert abs(ours - values["psnr"]) < 0.05  # the report's PSNR is this image's
-  # Stage 1 alone (the real Real-ESRGAN weights) on this mild degradation: far better than the tiny stage 2
-  # (at 256 px: 18.5 dB / LPIPS 0.22 on astronaut against 11.0 dB / 0.90).
+  # Stage 1 alone (the real Real-ESRGAN weights) on this mild degradation: better than the tiny stage 2 (here
+  # 16.0 dB / LPIPS 0.25 against 12.8 / 0.86; at 256 px on the three photos 22.0 / 0.22 against 19.6 / 0.72).
   stage1 = demo.metric_values(first["metrics"]["stage1"])
-  assert stage1["psnr"] > values["psnr"] + 3 and 0 < stage1["lpips"] < 0.5, (stage1, values)
+  assert stage1["psnr"] > values["psnr"] + 1.5 and 0 < stage1["lpips"] < values["lpips"] - 0.3, (stage1, values)
   assert all(values[m] is not None for m in ("psnr", "ssim", "lpips"))
 
   eval_dir = first["paths"]["eval"]
