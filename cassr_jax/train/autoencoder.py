@@ -56,7 +56,7 @@ def random_crops(images: np.ndarray, count: int, crop: int, rng: np.random.Gener
   flip = rng.random(count) < 0.5
   out = np.stack([images[i, t:t + crop, l:l + crop] for i, t, l in zip(idx, top, left)])
   out[flip] = out[flip, :, ::-1]
-  return np.stack([crop[..., rng.permutation(crop.shape[-1])] for crop in out])
+  return np.stack([window[..., rng.permutation(window.shape[-1])] for window in out])
 
 
 def fit_autoencoder(vae: AutoencoderKL, images, settings: FitSettings = FitSettings(), *,
