@@ -11,7 +11,9 @@ Config files under configs/ are Python files with get_config() that start from `
               random      a named random model built in code (RANDOM_MODELS: "tiny")
             controlnet: optional converted ControlNet directory to start the ControlNet from (default: a copy
             of the U-Net encoder); tokenizer: CLIP tokenizer directory or hub id (default: the pretrained
-            source's tokenizer/).
+            source's tokenizer/); vae: optional saved VAE directory (checkpoint.save_model, e.g.
+            cassr_jax.train.autoencoder.save_vae) to use as the frozen VAE instead of the one of pretrained /
+            random (the demo fits one, as the tiny random model's VAE is random).
   model     kind ("cassr": the CasSR U-Net, stage 2; "scedit": the SCEdit tuners on the frozen SD U-Net, stage 1)
             plus that model's switches (CasSRConfig / SCEditConfig fields), parsed whole by the dataclass
             (unknown keys are named in the error).
@@ -68,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init.random = ""
   c.init.controlnet = ""
   c.init.tokenizer = ""
+  c.init.vae = ""                           # saved VAE directory replacing init's VAE; empty: init's own
 
   c.model = ml_collections.ConfigDict()
   c.model.kind = "cassr"                    # or "scedit" (stage-1 tuners; configs/scedit_stage1.py)
@@ -259,6 +262,14 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     value = str(c.init[key] or "")
     if value and _looks_like_path(value):
       _check(problems, os.path.exists(os.path.expanduser(value)), f"init.{key}={value!r}: no such file or directory")
+
+  vae = str(c.init.get("vae", "") or "")
+  if vae:
+    from cassr_jax.checkpoint import MODEL_FILE  # pylint: disable=import-outside-toplevel
+    vae_dir = os.path.expanduser(vae)
+    _check(problems, os.path.isfile(os.path.join(vae_dir, MODEL_FILE)),
+           f"init.vae={vae!r}: " + ("no such directory" if not os.path.isdir(vae_dir) else
+                                    f"not a saved model directory (no {MODEL_FILE})"))
 
   # model switches (the dataclass names unknown keys and bad values)
   kind = model_kind(c)

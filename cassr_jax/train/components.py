@@ -1,6 +1,7 @@
 """What a run starts from (config.init): the trained model (config.model.kind: the CasSR U-Net, or the SCEdit
 tuners around the frozen SD U-Net), the frozen VAE and CLIP text encoder, the tokenizer and the noise schedule,
-from converted / convertible SD-1.5 weights or a named random model built in code.
+from converted / convertible SD-1.5 weights or a named random model built in code; config.init.vae replaces
+the VAE with a saved one (e.g. fitted by cassr_jax.train.autoencoder).
 
 The frozen weights always come from here (never from a training checkpoint), so init must be deterministic:
 pretrained weights are read from disk, random ones from config.seed.
@@ -145,6 +146,25 @@ def _pretrained_model(config, root: str, policy: Policy):
                                seed=int(config.seed), **runtime_options(config, cassr_from_pretrained))
 
 
+def load_vae(config, policy: Policy) -> AutoencoderKL:
+  """The saved VAE of config.init.vae (a checkpoint.save_model directory of model_type "vae")."""
+  path = os.path.expanduser(str(config.init.vae))
+  try:
+    meta = checkpoint.read_model_meta(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"init.vae={path!r}: {e}") from None
+  if meta.get("model_type") != "vae":
+    raise ValueError(f"init.vae={path!r}: a saved {meta.get('model_type')!r} model, not a VAE")
+  return checkpoint.load_model(path, policy=policy, attention=config.runtime.attention)
+
+
+def _check_vae(config, vae: AutoencoderKL, unet: UNetConfig) -> AutoencoderKL:
+  if vae.config.latent_channels != unet.in_channels:
+    raise ValueError(f"init.vae={str(config.init.vae)!r}: {vae.config.latent_channels} latent channels, the "
+                     f"U-Net takes {unet.in_channels}")
+  return vae
+
+
 def build_components(config, workdir: str | None = None, *, model_only: bool = False) -> Components:
   """The models of config.init with config.runtime's dtypes and attention (frozen parts deterministic).
 
@@ -154,10 +174,15 @@ def build_components(config, workdir: str | None = None, *, model_only: bool = F
   policy = policy_of(config)
   if config.init.random:
     spec = RANDOM_MODELS[str(config.init.random)]
+    vae = None
+    if config.init.get("vae") and not model_only:  # a bad init.vae fails before the model is built
+      vae = _check_vae(config, load_vae(config, policy), spec.unet)
     model = _random_model(config, spec, policy)
     if model_only:
       return Components(model, None, None, None, make_schedule())
-    vae = AutoencoderKL(spec.vae, policy=policy, attention=config.runtime.attention, rngs=nnx.Rngs(int(config.seed) + 1))
+    if vae is None:
+      vae = AutoencoderKL(spec.vae, policy=policy, attention=config.runtime.attention,
+                          rngs=nnx.Rngs(int(config.seed) + 1))
     text_encoder = CLIPTextModel(spec.text, policy=Policy(policy.param_dtype, policy.param_dtype),
                                  attention="xla", rngs=nnx.Rngs(int(config.seed) + 2))
     return Components(model, vae, text_encoder, HashTokenizer(spec.text.vocab_size), make_schedule())
@@ -167,7 +192,10 @@ def build_components(config, workdir: str | None = None, *, model_only: bool = F
   schedule = make_schedule(load_schedule_config(root))
   if model_only:
     return Components(model, None, None, None, schedule)
-  vae = checkpoint.load_model(os.path.join(root, "vae"), policy=policy, attention=config.runtime.attention)
+  if config.init.get("vae"):
+    vae = _check_vae(config, load_vae(config, policy), model.config.unet)
+  else:
+    vae = checkpoint.load_model(os.path.join(root, "vae"), policy=policy, attention=config.runtime.attention)
   text_encoder = checkpoint.load_model(os.path.join(root, "text_encoder"),
                                        policy=Policy(policy.param_dtype, policy.param_dtype), attention="xla")
   from cassr_jax.text import load_tokenizer  # pylint: disable=import-outside-toplevel
