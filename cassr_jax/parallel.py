@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -123,7 +124,10 @@ def place(tree, shardings, *, copy: bool = False):
   buffers (for arrays that will be donated).
   """
   if jax.process_count() == 1:
-    return jax.device_put(tree, shardings, may_alias=False if copy else None)
+    placed = jax.device_put(tree, shardings)
+    # device_put(may_alias=False) still hands back the source buffer as the shard on the source's own device
+    # when it replicates (jax 0.10): donated copies come from an explicit copy on the devices.
+    return jax.tree.map(jnp.copy, placed) if copy else placed
 
   def put(sharding, subtree):
     def one(x):

@@ -50,6 +50,27 @@ def trainers():
   return one, eight
 
 
+def _buffers(tree):
+  return [(jax.tree_util.keystr(path), shard.data.unsafe_buffer_pointer())
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] for shard in x.addressable_shards]
+
+
+def test_donated_state_shares_no_buffer_on_a_data_mesh():
+  """On a data-only mesh (a100x8: data 8 x fsdp 1) every donated state buffer is its own: the ControlNet
+  starts as a copy of the frozen U-Net encoder, and a replicated placement that kept the source's buffer
+  made XLA reject the step (a buffer donated and read in one call) and crash."""
+  config = tiny_config()
+  trainer = Trainer(config, build_components(config), parallel.make_mesh(1))
+  assert dict(trainer.mesh.shape) == {"data": 8, "fsdp": 1}
+  state = _buffers(trainer.init_state())
+  owners = {}
+  for name, pointer in state + _buffers(trainer.frozen):
+    owners.setdefault(pointer, []).append(name)
+  shared = [names for names in owners.values() if len(names) > 1]
+  assert not shared, shared[:3]
+  assert len(state) == 8 * len(jax.tree.leaves(trainer.init_state()))
+
+
 def test_eight_devices_equal_one(trainers):
   one, eight = trainers
   batch = fixed_batch()
