@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cassr_jax.tiling import tile_starts
+from cassr_jax.tiling import crop, tile_starts
 
 COLOR_FIXES = ("wavelet", "adain", "none")
 WAVELET_LEVELS = 5
@@ -84,8 +84,7 @@ def _crop_fn(reference):
   """reference_crop(y, x, h, w) for an array (or a crop function as is)."""
   if callable(reference):
     return reference
-  return lambda y, x, h, w: jax.lax.dynamic_slice(reference, (0, y, x, 0), (reference.shape[0], h, w,
-                                                                             reference.shape[3]))
+  return lambda y, x, h, w: crop(reference, y, x, h, w)
 
 
 def _tile_table(h: int, w: int, tile: tuple[int, int], reach: int = 0) -> dict[str, jax.Array]:
@@ -166,9 +165,9 @@ def color_fix_tiles(image: jax.Array, reference: jax.Array | Callable[..., jax.A
 
   def body(out, row):
     y0, x0 = row["window_y"], row["window_x"]
-    img = jax.lax.dynamic_slice(image, (zero, y0, x0, zero), (b, wh, ww, c)).astype(jnp.float32)
+    img = crop(image, y0, x0, wh, ww).astype(jnp.float32)
     fixed = wavelet_color_fix(img, reference_crop(y0, x0, wh, ww).astype(jnp.float32))
-    fixed = jax.lax.dynamic_slice(fixed, (zero, row["y"] - y0, row["x"] - x0, zero), (b, th, tw, c))
+    fixed = crop(fixed, row["y"] - y0, row["x"] - x0, th, tw)
     return jax.lax.dynamic_update_slice(out, finish(fixed).astype(out_dtype), (zero, row["y"], row["x"], zero)), None
 
   return jax.lax.scan(body, jnp.zeros((b, h, w, c), out_dtype), table)[0]

@@ -119,8 +119,7 @@ def sample(denoise: Denoiser, key: jax.Array, *, schedule: NoiseSchedule, sample
 
 def sample_images(denoise: Denoiser, keys: jax.Array, plan: Plan, *, latent_shape: Sequence[int],
                   decode: Callable[[jax.Array], jax.Array], start_latents: jax.Array | None = None,
-                  finish: Callable[[jax.Array], jax.Array] | None = None,
-                  sampler: str | Sampler | None = None) -> jax.Array:
+                  finish: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """Images in [0, 1] sampled by `plan` (make_plan) with `denoise`, in float32.
 
   keys: (B,) typed PRNG keys, one per image (e.g. fold_in(key(seed), image id)); image i's start noise and
@@ -131,7 +130,6 @@ def sample_images(denoise: Denoiser, keys: jax.Array, plan: Plan, *, latent_shap
     start of SeeSR / CasSR; plan's strength says how far); None: from pure noise.
   decode: scaled latents -> images in [-1, 1] (the VAE's decode_latents or a tiled version).
   finish: images in [0, 1] -> the result (a colour fix, then the clip to [0, 1]); default: the clip.
-  sampler: the one `plan` was made for (default: the registered sampler named plan.sampler).
   """
   latent_shape = tuple(latent_shape)
   pairs = jax.vmap(jax.random.split)(keys)
@@ -145,7 +143,7 @@ def sample_images(denoise: Denoiser, keys: jax.Array, plan: Plan, *, latent_shap
   if plan.noisy:  # per-image step noise, (steps, B, ...)
     step_noise = jax.vmap(lambda k: jax.random.normal(k, (len(plan),) + latent_shape, jnp.float32))(
         step_keys).swapaxes(0, 1)
-  latents = run_plan(plan.sampler if sampler is None else sampler, plan, denoise, x, noise=step_noise)
+  latents = run_plan(plan.sampler, plan, denoise, x, noise=step_noise)
   images = (decode(latents).astype(jnp.float32) + 1.0) * 0.5
   return jnp.clip(images, 0.0, 1.0) if finish is None else finish(images)
 

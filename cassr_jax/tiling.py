@@ -93,7 +93,7 @@ def materialize(a) -> jax.Array:
   return a.materialize() if isinstance(a, TileSource) else a
 
 
-def _crop(a, y, x0, h: int, w: int) -> jax.Array:
+def crop(a, y, x0, h: int, w: int) -> jax.Array:
   """a[:, y:y+h, x0:x0+w] for static or traced starts (a: an array or a TileSource)."""
   if isinstance(a, TileSource):
     return a.crop(y, x0, h, w)
@@ -166,7 +166,7 @@ def tiled_apply(fn: Callable[..., jax.Array], x: jax.Array | TileSource, *, tile
   grid = [(i, j) for i in range(len(ys)) for j in range(len(xs))]  # tile-major order, batch inside
 
   def cut(y, x0):
-    return [_crop(x, y, x0, th, tw)] + [_crop(e, y * es, x0 * es, th * es, tw * es) for e in extras]
+    return [crop(x, y, x0, th, tw)] + [crop(e, y * es, x0 * es, th * es, tw * es) for e in extras]
 
   def add(acc, out, y, x0, weight):
     oy, ox = y * scale.numerator // scale.denominator, x0 * scale.numerator // scale.denominator
