@@ -169,6 +169,7 @@ def fit_vae(workdir: str, steps: int) -> dict:
   report (with the reconstruction PSNR of the held-out HR photos, never seen) to <workdir>/vae_fit.json."""
   import glob  # pylint: disable=import-outside-toplevel
   from cassr_jax.data import images  # pylint: disable=import-outside-toplevel
+  from cassr_jax.eval import pixel  # pylint: disable=import-outside-toplevel
   from cassr_jax.image_ops import to_float01  # pylint: disable=import-outside-toplevel
   from cassr_jax.train import autoencoder  # pylint: disable=import-outside-toplevel
 
@@ -182,7 +183,7 @@ def fit_vae(workdir: str, steps: int) -> dict:
   names = sorted(os.listdir(hr_dir))
   heldout = np.stack([to_float01(images.read_image(os.path.join(hr_dir, n))) for n in names])
   recon = autoencoder.reconstruct(vae, heldout)
-  psnr = {n: round(float(-10 * np.log10(np.mean((r - h) ** 2))), 2) for n, r, h in zip(names, recon, heldout)}
+  psnr = {n: round(float(v), 2) for n, v in zip(names, pixel.psnr(recon, heldout))}
   report = {"widths": list(VAE_WIDTHS), "steps": steps, "tiles": len(tiles), "first_loss": losses[0],
             "last_loss": float(np.mean(losses[-10:])), "scaling_factor": vae.config.scaling_factor,
             "heldout_psnr": psnr}
