@@ -216,12 +216,46 @@ def test_config_validation_names_the_field():
     D.KernelSpec("aniso", 15, 21, 3.0, 0.6, 0.7),  # whole-image DFT
     D.KernelSpec("sinc", 21, 21, cutoff=1.0),  # whole-image DFT
     D.KernelSpec("iso", 21, 21, 0.3, 0.3),  # trimmed to its support
+    D.KernelSpec("aniso", 21, 21, 3.0, 1.0, 0.0),  # axis-aligned: separable path
 ])
 def test_filter2d_matches_float64_reference(spec):
   img = np.random.default_rng(0).random((40, 56, 3)).astype(np.float32)
   k = D.build_kernel(spec)
   ref = np.stack([ndimage.correlate(img[..., c].astype(np.float64), k, mode="mirror") for c in range(3)], -1)
   assert np.max(np.abs(D.filter2d(img, k) - ref)) < 2e-6
+
+
+def test_rank_one_kernels_are_separated():
+  for spec in (D.KernelSpec("iso", 21, 21, 2.0, 2.0), D.KernelSpec("aniso", 21, 21, 3.0, 1.0, 0.0)):
+    k = D.build_kernel(spec)
+    col, row = D._separate(k)
+    assert np.max(np.abs(np.outer(col, row) - k)) < 1e-7 * k.max()
+  for spec in (D.KernelSpec("aniso", 21, 21, 3.0, 1.0, 0.5), D.KernelSpec("sinc", 21, 21, cutoff=1.0),
+               D.KernelSpec("plateau_iso", 21, 21, 2.0, 2.0, 0.0, 1.5)):
+    assert D._separate(D.build_kernel(spec)) is None, spec
+
+
+def test_a_data_worker_computes_on_one_core():
+  # cv2.gemm (DiffJPEG's DCT) runs on the OpenBLAS inside OpenCV's wheel, which cv2.setNumThreads does not
+  # limit: its helper thread then spins on a second core. After images.use_one_core every pool has one
+  # thread and the process uses no more CPU than its main thread.
+  import subprocess
+  import sys
+  code = (
+      "import time, threadpoolctl, numpy as np\n"
+      "from cassr_jax.data import images, jpeg\n"
+      "images.use_one_core()\n"
+      "pools = threadpoolctl.threadpool_info()\n"
+      "assert any('opencv' in p['filepath'] for p in pools), pools\n"
+      "assert all(p['num_threads'] == 1 for p in pools), pools\n"
+      "img = np.random.default_rng(0).random((256, 256, 3), dtype=np.float32)\n"
+      "jpeg.diffjpeg(img, 50.0)\n"
+      "p, t = time.process_time(), time.thread_time()\n"
+      "for _ in range(100): jpeg.diffjpeg(img, 50.0)\n"
+      "print((time.process_time() - p) / (time.thread_time() - t))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert float(out.stdout.split()[-1]) < 1.1
 
 
 def test_poisson_sampler_matches_poisson_distribution():

@@ -323,16 +323,30 @@ def _trim(kernel: np.ndarray) -> np.ndarray:
   return kernel[c - r:c + r + 1, c - r:c + r + 1]
 
 
+def _separate(k: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+  """(col, row) float32 with k = outer(col, row) to 1e-7 of max |k|, or None when k is not rank one.
+
+  A rank-one kernel with a positive centre c is outer(k[:, c], k[c, :]) / k[c, c] (a tenth of an SVD's cost).
+  """
+  c = k.shape[0] // 2
+  centre = k[c, c]
+  if centre <= 0:
+    return None
+  col, row = k[:, c] / math.sqrt(centre), k[c, :] / math.sqrt(centre)
+  if np.max(np.abs(k - np.outer(col, row))) > 1e-7 * np.max(np.abs(k)):
+    return None
+  return col.astype(np.float32), row.astype(np.float32)
+
+
 def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   """Correlates img (H, W, C float32) with a centred odd kernel, reflect-101 borders (torch 'reflect')."""
   k = _trim(np.asarray(kernel, np.float64))
   n = k.shape[0]
   if n == 1:
     return img * np.float32(k[0, 0]) if k[0, 0] != 1 else img
-  u, s, vt = np.linalg.svd(k)
-  if s[1] <= 1e-7 * s[0]:  # separable (isotropic / axis-aligned Gaussians)
-    col = (u[:, 0] * math.sqrt(s[0])).astype(np.float32)
-    row = (vt[0] * math.sqrt(s[0])).astype(np.float32)
+  separable = _separate(k)
+  if separable is not None:  # isotropic / axis-aligned Gaussians
+    col, row = separable
     return _keep_channels(cv2.sepFilter2D(img, -1, row, col, borderType=cv2.BORDER_REFLECT_101), img)
   k32 = k.astype(np.float32)
   if n >= _FFT_MIN_SIZE:
@@ -487,9 +501,7 @@ def _level_count(levels: np.ndarray) -> float:
 
 def poisson_noise(rng, img: np.ndarray, scale: float, gray: bool) -> np.ndarray:
   """Poisson noise field for img (H, W, 3) float32 BGR; the noise of the 8-bit quantised image, scaled."""
-  src = img @ _GRAY_BGR if gray else img
-  if gray:
-    src = src[..., None]
+  src = cv2.transform(img, _GRAY_BGR[None])[..., None] if gray else img
   levels = to_uint8(src)
   vals = _level_count(levels)
   counts = poisson_sample_levels(rng, levels, vals)

@@ -86,7 +86,7 @@ def _dct_basis() -> tuple[np.ndarray, np.ndarray]:
 
 def _rows8(plane: np.ndarray, matrix: np.ndarray) -> np.ndarray:
   """Applies an 8x8 matrix to every run of 8 pixels along the rows of a (H, W) plane, W % 8 == 0."""
-  # OpenCV's GEMM: it follows cv2.setNumThreads (1 in data workers), where numpy's BLAS may spin threads.
+  # OpenCV's GEMM (the OpenBLAS inside its wheel: data workers limit it to one thread, images.use_one_core).
   return cv2.gemm(plane.reshape(-1, 8), matrix, 1.0, None, 0.0).reshape(plane.shape)
 
 

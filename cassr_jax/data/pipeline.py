@@ -101,7 +101,7 @@ def ensure_absl_flags_parsed() -> None:
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
-  cv2.setNumThreads(1)  # one core per worker; results do not depend on it
+  images.use_one_core()  # one core per worker; results do not depend on it
 
 
 def _pad_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -281,7 +281,7 @@ class OfflineExampleBuilder:
 
   def __call__(self, index: int):
     if self._state is None:
-      cv2.setNumThreads(1)
+      images.use_one_core()
       self._state = (sources.source_from_spec(self.spec, check="none"), ExampleMaker(self.config, self.length))
     src, maker = self._state
     ex = maker.make(src[index], 0, index)

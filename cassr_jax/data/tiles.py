@@ -83,7 +83,7 @@ class _ImageTiler:
     self.root, self.out_dir, self.settings, self.max_pixels = root, out_dir, settings, max_pixels
 
   def __call__(self, rel: str) -> tuple[int, int, str | None]:
-    cv2.setNumThreads(1)
+    images.use_one_core()
     path = os.path.join(self.root, rel)
     stem = sources.safe_stem(rel)
     try:

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from cassr_jax.data import degradations as D
-from cassr_jax.data import pipeline
+from cassr_jax.data import images, pipeline
 
 
 def _crops(n: int, crop: int) -> list[np.ndarray]:
@@ -53,7 +53,7 @@ def _config(preset: str, jpeg_codec: str | None):
 
 
 def _init(preset: str, crop: int, n: int, jpeg_codec: str | None = None):
-  cv2.setNumThreads(1)
+  images.use_one_core()  # as in the pipeline's workers
   _STATE["cfg"] = _config(preset, jpeg_codec)
   _STATE["crops"] = _crops(min(n, 24), crop)
   D.degrade(_STATE["crops"][0], _STATE["cfg"], D.example_seed(0, 0, 0))  # warm caches (Poisson tables)
@@ -112,7 +112,7 @@ def pool_throughput(preset: str, crop: int, n: int, workers: int, jpeg_codec: st
 
 def with_decoding(preset: str, crop: int, n: int, jpeg_codec: str | None) -> dict:
   """CPU pairs/s of pipeline.ExampleMaker on PNG-encoded records (decoding included)."""
-  cv2.setNumThreads(1)
+  images.use_one_core()
   config = pipeline.default_data_config()
   config.degradation = D.preset(preset)
   if jpeg_codec:
