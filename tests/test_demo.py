@@ -123,3 +123,21 @@ def test_demo_config_file_is_the_demo_settings(tmp_path):
   assert config.init.random == "tiny" and config.activation.name == "paired" and config.train.steps == 200
   config.data.sources = f"paired:{tmp_path}"
   validate_config(config, device_count=8, process_count=1)
+
+
+def test_a_workdir_from_another_demo_version_or_settings_is_moved_aside(tmp_path):
+  workdir = str(tmp_path / "demo")
+  settings = {"heldout": 1, "sample_steps": 4, "photo_size": 128, "train_images": 8, "vae_steps": 20}
+  assert demo.claim_workdir(workdir, settings, log=lambda _: None) is None  # new: claimed
+  open(os.path.join(workdir, "kept"), "w").close()
+  assert demo.claim_workdir(workdir, settings, log=lambda _: None) is None  # same version and settings: resumed
+  assert os.path.exists(os.path.join(workdir, "kept"))
+  logs = []
+  moved = demo.claim_workdir(workdir, dict(settings, sample_steps=8), log=logs.append)
+  assert moved == workdir + ".old-1" and os.path.exists(os.path.join(moved, "kept"))
+  assert os.listdir(workdir) == [demo.STAMP_FILE] and "sample_steps 4 -> 8" in logs[0]
+  # An older demo left no stamp (its run trained without the fitted VAE): moved aside, never deleted.
+  os.remove(os.path.join(workdir, demo.STAMP_FILE))
+  os.makedirs(os.path.join(workdir, "run"))
+  assert demo.claim_workdir(workdir, settings, log=logs.append) == workdir + ".old-2"
+  assert "older cassr-demo" in logs[1] and os.path.isdir(os.path.join(workdir + ".old-2", "run"))

@@ -2,7 +2,9 @@
 
   pip install -e ".[demo]" && python scripts/demo.py            # writes outputs/demo/, about 8 minutes on 2 cores
 
-Stages (each resumable: a rerun skips what is finished and continues an interrupted training run):
+Stages (each resumable: a rerun skips what is finished and continues an interrupted training run; a larger
+--steps trains the run further; a workdir made by another demo version or with other settings is moved aside
+to <workdir>.old-N, see claim_workdir):
   1. photos   scikit-image's photos: TRAIN_PHOTOS resized so the longer side is 256 px; HELDOUT_PHOTOS
               (astronaut = the photo of the package's demo image, coffee, chelsea), never seen in training,
               as 256x256 centre squares (one shape: one compile).
@@ -60,6 +62,43 @@ VAE_WIDTHS = (8, 16, 32, 64)
 VAE_STEPS = 300
 VAE_DIR = "vae"             # <workdir>/vae: the fitted VAE (checkpoint.save_model), init.vae of the run
 VAE_REPORT = "vae_fit.json"  # its fit: steps, losses, reconstruction PSNR of the held-out photos
+# What made a workdir: the demo's format (bumped whenever a stage's output changes meaning; 2: the fitted VAE
+# and sampling at STRENGTH) and every setting but --steps, which extends a run instead.
+DEMO_FORMAT = 2
+STAMP_FILE = "demo.json"
+
+
+def claim_workdir(workdir: str, settings: dict, log=print) -> str | None:
+  """Makes workdir the demo's for `settings`; returns where an incompatible old workdir went, else None.
+
+  A finished stage is only skipped when this demo version with these settings made it: a workdir left by an
+  older cassr-demo (no or another stamp) or with other settings would otherwise show its stale pictures. It
+  is moved aside to <workdir>.old-N (never deleted) and the demo starts afresh.
+  """
+  stamp = {"format": DEMO_FORMAT, **settings}
+  stamp_path = os.path.join(workdir, STAMP_FILE)
+  moved = None
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    old = None
+    if os.path.exists(stamp_path):
+      with open(stamp_path) as f:
+        old = json.load(f)
+    if old != stamp:
+      n = 1
+      while os.path.exists(f"{workdir}.old-{n}"):
+        n += 1
+      moved = f"{workdir}.old-{n}"
+      os.rename(workdir, moved)
+      if old is None or old.get("format") != DEMO_FORMAT:
+        why = "an older cassr-demo"
+      else:
+        why = "other settings (" + ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
+                                             if old.get(k) != v) + ")"
+      log(f"{workdir} was made by {why}: moved to {moved}; starting afresh")
+  os.makedirs(workdir, exist_ok=True)
+  from cassr_jax.data import images  # pylint: disable=import-outside-toplevel
+  images.write_json(stamp_path, stamp)
+  return moved
 
 
 def demo_config(steps: int = 200):
@@ -274,7 +313,8 @@ def run_demo(workdir: str = "outputs/demo", *, steps: int = 200, heldout: int = 
   if photo_size < 128 or photo_size % 16:
     raise ValueError(f"photo_size={photo_size}: expected a multiple of 16, at least 128 (the training tiles)")
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  claim_workdir(workdir, {"heldout": heldout, "sample_steps": sample_steps, "photo_size": photo_size,
+                          "train_images": train_images, "vae_steps": vae_steps}, log)
   timings: dict[str, dict[str, float]] = {}  # CPU: process time of all threads
   skipped: list[str] = []
   cpu0 = time.process_time()
@@ -368,7 +408,7 @@ def main(argv=None) -> int:
   vae = result["vae"]
   print(f"  vae     reconstruction psnr of the held-out HR photos (fitted for {vae['steps']} steps): "
         + ", ".join(f"{k} {v:.4g}" for k, v in vae["heldout_psnr"].items()))
-  print(f"  skipped metrics: " + ", ".join(f"{k} ({v})" for k, v in SKIPPED_METRICS.items()))
+  print("  skipped metrics: " + ", ".join(f"{k} ({v})" for k, v in SKIPPED_METRICS.items()))
   print(f"""
   training photos, held-out photos  {paths['photos']}/{{train,heldout}}
   paired sets (hr, lr, lr_up, ref)  {paths['data']}/{{train,heldout}}
