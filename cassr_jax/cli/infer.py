@@ -23,6 +23,7 @@ from importlib import resources
 
 import numpy as np
 
+logger = logging.getLogger("cassr_jax.infer")
 DEMO_IMAGE = "astronaut_lr.png"  # NASA astronaut photo (public domain, via scikit-image), x4-downscaled
 
 
@@ -116,8 +117,8 @@ def run_cassr(args, inputs: list[tuple[str, str]]) -> int:
   report = super_resolve_files(pipe, jobs, seed=args.seed, batch_size=args.batch_size,
                                overwrite=args.overwrite, progress=not args.no_progress)
   for path, reason in report.failed:
-    logging.error("failed: %s: %s", path, reason)
-  logging.info("process %d/%d: %d written, %d kept, %d failed in %.1f s -> %s", jax.process_index(),
+    logger.error("failed: %s: %s", path, reason)
+  logger.info("process %d/%d: %d written, %d kept, %d failed in %.1f s -> %s", jax.process_index(),
                jax.process_count(), len(report.written), len(report.skipped), len(report.failed),
                time.perf_counter() - start, args.out)
   return 1 if report.failed else 0
@@ -142,7 +143,7 @@ def run_stage1(args, inputs: list[tuple[str, str]]) -> int:
   for path, rel in inputs:
     target = os.path.join(args.out, os.path.splitext(rel)[0] + f"_x{activation.scale}.png")
     if os.path.exists(target) and os.path.samefile(target, path):
-      logging.error("failed: %s: the output would overwrite the input", path)
+      logger.error("failed: %s: the output would overwrite the input", path)
       failed += 1
       continue
     if os.path.exists(target) and not args.overwrite:
@@ -151,7 +152,7 @@ def run_stage1(args, inputs: list[tuple[str, str]]) -> int:
     try:
       lr = images.read_image(path)
     except (images.ImageError, OSError) as e:
-      logging.error("failed: %s", e)
+      logger.error("failed: %s", e)
       failed += 1
       continue
     t0 = time.perf_counter()
@@ -159,16 +160,18 @@ def run_stage1(args, inputs: list[tuple[str, str]]) -> int:
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     images.write_png(target, np.clip(np.round(sr * 255.0), 0, 255).astype(np.uint8))
     done += 1
-    logging.info("%s (%dx%d) -> %s (%dx%d) in %.1f s", path, lr.shape[1], lr.shape[0], target, sr.shape[1],
+    logger.info("%s (%dx%d) -> %s (%dx%d) in %.1f s", path, lr.shape[1], lr.shape[0], target, sr.shape[1],
                  sr.shape[0], time.perf_counter() - t0)
-  logging.info("%d written, %d kept, %d failed in %.1f s -> %s", done, skipped, failed,
+  logger.info("%d written, %d kept, %d failed in %.1f s -> %s", done, skipped, failed,
                time.perf_counter() - start, args.out)
   return 1 if failed else 0
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  # Our progress lines at INFO; other libraries (JAX's backend probing) only from WARNING up.
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  logging.getLogger("cassr_jax").setLevel(logging.INFO)
   from cassr_jax.pipelines.cassr import find_images  # pylint: disable=import-outside-toplevel
 
   if args.inputs:
