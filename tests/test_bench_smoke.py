@@ -47,3 +47,23 @@ def test_infer_bench_sd_size_is_sd15():
   assert UNetConfig.from_diffusers(dict(unet.config)) == UNetConfig.sd15()
   assert VAEConfig.from_diffusers(dict(vae.config)) == VAEConfig.sd15()
   assert bench.SD["text"] == dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
+
+def test_degrade_bench_runs_and_workers_use_one_core(tmp_path):
+  """scripts/bench/degrade.py at a small size (the issue's speed figure comes from it): it reports the JPEG
+  stages, and its process uses no more CPU than its main thread (helper threads limited, images.use_one_core)."""
+  import json
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "degrade.json"
+  result = subprocess.run([sys.executable, "scripts/bench/degrade.py", "--pairs", "6", "--crop", "128", "--no-pool",
+                           "--json", str(out)], cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "JPEG stages (diffjpeg):" in result.stdout
+  report = json.loads(out.read_text())
+  single = report["single"]
+  assert single["cpu_pairs_per_s"] > 0 and single["usm_sharpen"] and {"usm", "jpeg1", "jpeg2"} <= set(
+      single["stage_ms_per_pair"])
+  assert single["process_over_main_thread_cpu"] < 1.2
+  assert set(report["decoding"]) == {"png0_tile", "png1_tile", "png3_2040x1356"}
