@@ -83,18 +83,19 @@ def claim_workdir(workdir: str, settings: dict, log=print) -> str | None:
     if os.path.exists(stamp_path):
       with open(stamp_path) as f:
         old = json.load(f)
-    if old != stamp:
-      n = 1
-      while os.path.exists(f"{workdir}.old-{n}"):
-        n += 1
-      moved = f"{workdir}.old-{n}"
-      os.rename(workdir, moved)
-      if old is None or old.get("format") != DEMO_FORMAT:
-        why = "an older cassr-demo"
-      else:
-        why = "other settings (" + ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
-                                             if old.get(k) != v) + ")"
-      log(f"{workdir} was made by {why}: moved to {moved}; starting afresh")
+    if old == stamp:
+      return None  # this demo's own workdir: resume, nothing rewritten
+    n = 1
+    while os.path.exists(f"{workdir}.old-{n}"):
+      n += 1
+    moved = f"{workdir}.old-{n}"
+    os.rename(workdir, moved)
+    if old is None or old.get("format") != DEMO_FORMAT:
+      why = "an older cassr-demo"
+    else:
+      why = "other settings (" + ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
+                                           if old.get(k) != v) + ")"
+    log(f"{workdir} was made by {why}: moved to {moved}; starting afresh")
   os.makedirs(workdir, exist_ok=True)
   from cassr_jax.data import images  # pylint: disable=import-outside-toplevel
   images.write_json(stamp_path, stamp)
