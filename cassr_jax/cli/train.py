@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (a Python file with get_config()).",
@@ -20,6 +20,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # absl's default (INFO) prints ~50 orbax lines per checkpoint save; the trainer's own output is the bar,
+    # its messages and metrics.jsonl. --verbosity=0 brings the library logs back.
+    logging.set_verbosity(logging.WARNING)
   from cassr_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   from cassr_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
