@@ -319,7 +319,7 @@ def build_sources(config: ml_collections.ConfigDict):
 
 def _process_shard(process_index, process_count):
   if process_index is None or process_count is None:
-    import jax  # only for the host index; the workers never import jax
+    import jax  # only for the host index
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
