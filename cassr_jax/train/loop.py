@@ -228,6 +228,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     state = checkpointer.restore(start, trainer.abstract_state(), data_iterator)
     if is_main:
       print(f"cassr_jax.train: resumed from step {start} in {checkpointer.directory}", flush=True)
+  if is_main:
+    print(f"cassr_jax.train: {jax.device_count()} {jax.devices()[0].platform} devices on "
+          f"{jax.process_count()} host(s), mesh {dict(mesh.shape)}, batch {int(config.train.batch_size)}, "
+          f"steps {start}..{int(config.train.steps)}; the first step compiles (minutes at SD-1.5 size)",
+          flush=True)
 
   t = config.train
   total = int(t.steps)
