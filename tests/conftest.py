@@ -27,7 +27,7 @@ jax.config.update("jax_default_prng_impl", "rbg")
 # The slowest files first, longest first (measured under `pytest -n 2`); the rest follow in name order. With
 # the file scheduler below this is greedy longest-first scheduling: the heavy files spread over both workers
 # and the many short ones fill the end.
-SLOW_FILES_FIRST = ("test_train_loop.py", "test_demo.py", "test_train_step.py", "test_workflow.py",
+SLOW_FILES_FIRST = ("test_train_loop.py", "test_train_step.py", "test_demo.py", "test_workflow.py",
                     "test_cassr_unet.py", "test_infer_script.py", "test_rrdbnet.py", "test_pipeline.py",
                     "test_activation.py", "test_train_scedit.py", "test_convert.py", "test_scedit.py",
                     "test_remat.py", "test_fid.py", "test_vae.py", "test_unet.py", "test_tiled.py")
