@@ -40,9 +40,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-  """`pytest -n N`: whole files to whichever worker is free, in collection order (xdist's default "load"
-  hands each worker a fixed first quarter of the tests, which put every slow file on one worker, and may split
-  a file whose module fixture, e.g. a training run, then runs on both)."""
+  """`pytest -n N`: whole files to whichever worker is free, in collection order. xdist's default "load"
+  starts each worker on a block of consecutive tests (with -n 2, 58 of 466: worker 0 got every slow file and
+  ran ~1000 s of them alone) and may split a file whose module fixture (a training run) then runs twice."""
   if config.getvalue("dist") != "load":
     return None  # an explicit --dist other than load wins
   from xdist.scheduler import LoadFileScheduling  # pylint: disable=import-outside-toplevel
