@@ -30,8 +30,6 @@ import os
 import re
 import time
 
-import cv2
-
 from cassr_jax.data import images, sources
 
 logger = logging.getLogger("cassr_jax.data")
