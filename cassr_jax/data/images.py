@@ -13,6 +13,7 @@ Everything that reads a picture goes through `decode_image` (bytes) or `read_ima
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -29,12 +30,14 @@ from cassr_jax.image_ops import to_uint8
 logger = logging.getLogger("cassr_jax.data")
 
 
+@functools.cache
 def use_one_core() -> None:
   """Makes this process compute on one thread: OpenCV's pool and every BLAS pool, for data worker processes.
 
   cv2.setNumThreads does not govern cv2.gemm (the DiffJPEG DCT), which calls the OpenBLAS bundled in
   OpenCV's wheel; with its default pool, a helper thread busy-waits on a second core after every call
   (measured: a worker degrading x4plus pairs used 144 CPU ms per pair instead of 69). Results do not change.
+  Runs once per process (the library scan costs ~1.5 ms); later calls, e.g. per task of a pool, return at once.
   """
   import threadpoolctl  # pylint: disable=import-outside-toplevel
   cv2.setNumThreads(1)
